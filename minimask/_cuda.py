@@ -1,0 +1,102 @@
+"""Glue shared by the ``"cuda"`` backend of every layer.
+
+Kernels live in their layer's module, next to the NumPy reference and the
+Numba CPU kernel; this file holds only what all of them need:
+
+* ``cuda`` - ``numba.cuda``, imported lazily so that ``import minimask``
+  works where numba-cuda is missing;
+* ``THREADS_PER_BLOCK`` and ``blocks_for`` - a 1-D launch of one thread per
+  output element, with a ceil-div grid (every kernel guards ``i < n``);
+* ``to_device`` / ``to_output`` - host arrays are copied over and results
+  copied back, device arrays stay on the device, so a chain of layers on
+  device arrays never touches the host;
+* ``compile_for_both`` - a helper written once in plain Python, compiled as
+  an inlined ``njit`` function for the CPU and as a ``cuda.jit`` device
+  function for the GPU (the MiniTorch trick).
+
+To run the CUDA kernels without a GPU, set ``NUMBA_ENABLE_CUDASIM=1`` before
+Numba is imported: the Numba CUDA simulator then runs each thread as Python.
+It is slow, so keep sizes tiny there.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from minimask._checks import is_device_array
+
+THREADS_PER_BLOCK = 256
+
+try:  # numba-cuda is optional: "numpy" and "cpu" work without it
+    from numba import cuda
+except ImportError:  # pragma: no cover - exercised only without numba-cuda
+    cuda = None
+
+
+def cuda_available() -> bool:
+    """True when kernels can run: a GPU with a driver, or the simulator."""
+    if cuda is None:
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:  # a broken driver counts as no GPU
+        return False
+
+
+def require_cuda() -> None:
+    if not cuda_available():
+        raise RuntimeError(
+            "the 'cuda' backend needs numba-cuda and an NVIDIA GPU with a driver "
+            "(or NUMBA_ENABLE_CUDASIM=1 for the slow CUDA simulator); "
+            "use set_backend('cpu') on this machine")
+
+
+def blocks_for(n: int, threads: int = THREADS_PER_BLOCK) -> int:
+    """Number of blocks so that ``blocks * threads >= n`` (at least one)."""
+    return max(1, math.ceil(n / threads))
+
+
+def to_device(a):
+    """Return ``a`` as a device array (copying host arrays over)."""
+    require_cuda()
+    if is_device_array(a):
+        return a if hasattr(a, "copy_to_host") else cuda.as_cuda_array(a)
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def to_output(d_out, like):
+    """Return a kernel's result as the caller gave its input: a host input
+    gets a host array back, a device input a device array."""
+    return d_out if is_device_array(like) else d_out.copy_to_host()
+
+
+def device_zeros(shape, dtype):
+    """A zero-filled device array (Numba has no ``cuda.zeros``)."""
+    require_cuda()
+    d = cuda.device_array(shape, dtype=dtype)
+    if d.size:
+        _fill_zero[blocks_for(d.size), THREADS_PER_BLOCK](d.reshape(d.size))
+    return d
+
+
+def compile_for_both(pyfunc):
+    """Compile a scalar helper for both targets.
+
+    Returns ``(cpu_version, cuda_version)``: ``njit(inline="always")`` and
+    ``cuda.jit(device=True)`` builds of the same Python source, so the
+    arithmetic (a bilinear weight, an index) is written exactly once. Where
+    numba-cuda is missing the CUDA version is ``None``.
+    """
+    cpu_version = njit(inline="always", cache=True)(pyfunc)
+    cuda_version = cuda.jit(device=True)(pyfunc) if cuda is not None else None
+    return cpu_version, cuda_version
+
+
+if cuda is not None:
+    @cuda.jit
+    def _fill_zero(flat):
+        i = cuda.grid(1)
+        if i < flat.size:
+            flat[i] = 0

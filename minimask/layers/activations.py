@@ -1,0 +1,192 @@
+r"""ReLU and sigmoid, elementwise.
+
+ReLU
+    forward   y = max(x, 0)
+    backward  dx = dout * 1[x > 0]
+
+    The derivative at exactly ``x = 0`` is taken as 0 (PyTorch's choice);
+    gradient checks keep inputs away from that kink.
+
+Sigmoid
+    forward   y = 1 / (1 + exp(-x))
+    backward  dx = dout * y * (1 - y)
+
+    Computed without overflow: for x < 0 it uses exp(x) / (1 + exp(x)), so
+    ``exp`` never sees a large positive argument.
+
+This file is the pattern every layer module follows: the NumPy reference
+first, then the Numba CPU kernels, then the CUDA kernels, then the public
+``*_forward`` / ``*_backward`` pair that checks its inputs and dispatches on
+the current backend.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from minimask import _cuda
+from minimask._checks import check_float_array, check_same_shape
+from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask.backend import get_backend
+
+# --------------------------------------------------------------------------
+# NumPy reference
+# --------------------------------------------------------------------------
+
+
+def relu_forward_numpy(x):
+    return np.maximum(x, 0)
+
+
+def relu_backward_numpy(dout, x):
+    return dout * (x > 0)
+
+
+def sigmoid_numpy(x):
+    # exp(-|x|) is in (0, 1]: no overflow for any finite x.
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def sigmoid_backward_numpy(dout, y):
+    return dout * y * (1 - y)
+
+
+# --------------------------------------------------------------------------
+# Numba CPU kernels (flat, contiguous arrays; one prange over elements)
+# --------------------------------------------------------------------------
+
+
+def _sigmoid_scalar(x):
+    if x >= 0:
+        return 1.0 / (1.0 + np.exp(-x))
+    e = np.exp(x)
+    return e / (1.0 + e)
+
+
+sigmoid_scalar_cpu, sigmoid_scalar_cuda = _cuda.compile_for_both(_sigmoid_scalar)
+
+
+@njit(parallel=True, cache=True)
+def _relu_forward_cpu(x, out):
+    for i in prange(x.size):
+        out[i] = x[i] if x[i] > 0 else 0
+
+
+@njit(parallel=True, cache=True)
+def _relu_backward_cpu(dout, x, dx):
+    for i in prange(x.size):
+        dx[i] = dout[i] if x[i] > 0 else 0
+
+
+@njit(parallel=True, cache=True)
+def _sigmoid_forward_cpu(x, out):
+    for i in prange(x.size):
+        out[i] = sigmoid_scalar_cpu(x[i])
+
+
+@njit(parallel=True, cache=True)
+def _sigmoid_backward_cpu(dout, y, dx):
+    for i in prange(y.size):
+        dx[i] = dout[i] * y[i] * (1 - y[i])
+
+
+# --------------------------------------------------------------------------
+# CUDA kernels (one thread per element)
+# --------------------------------------------------------------------------
+
+if cuda is not None:
+    @cuda.jit
+    def _relu_forward_cuda(x, out):
+        i = cuda.grid(1)
+        if i < x.size:
+            out[i] = x[i] if x[i] > 0 else 0
+
+    @cuda.jit
+    def _relu_backward_cuda(dout, x, dx):
+        i = cuda.grid(1)
+        if i < x.size:
+            dx[i] = dout[i] if x[i] > 0 else 0
+
+    @cuda.jit
+    def _sigmoid_forward_cuda(x, out):
+        i = cuda.grid(1)
+        if i < x.size:
+            out[i] = sigmoid_scalar_cuda(x[i])
+
+    @cuda.jit
+    def _sigmoid_backward_cuda(dout, y, dx):
+        i = cuda.grid(1)
+        if i < y.size:
+            dx[i] = dout[i] * y[i] * (1 - y[i])
+
+
+def _elementwise(kernel_cpu, kernel_cuda, *arrays):
+    """Run a flat elementwise kernel on the current fast backend; the result
+    has the shape of ``arrays[0]`` (all arrays share one shape)."""
+    first = arrays[0]
+    if get_backend() == "cpu":
+        flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+        out = np.empty_like(flat[0])
+        kernel_cpu(*flat, out)
+        return out.reshape(first.shape)
+    d = [_cuda.to_device(a) for a in arrays]
+    d_out = cuda.device_array(d[0].shape, dtype=d[0].dtype)
+    n = d_out.size
+    if n:
+        flat = [a.reshape(n) for a in d] + [d_out.reshape(n)]
+        kernel_cuda[blocks_for(n), THREADS_PER_BLOCK](*flat)
+    return _cuda.to_output(d_out, first)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def relu_forward(x):
+    """ReLU, ``y = max(x, 0)``.
+
+    Inputs:
+    - x: any shape, float32 or float64
+    Returns ``(out, cache)``; ``out`` has the shape and dtype of ``x``.
+    """
+    x = check_float_array("x", x)
+    if get_backend() == "numpy":
+        out = relu_forward_numpy(x)
+    else:
+        out = _elementwise(_relu_forward_cpu, _relu_forward_cuda if cuda else None, x)
+    return out, x
+
+
+def relu_backward(dout, cache):
+    """Gradient of ReLU: ``dx = dout * 1[x > 0]``. Returns ``dx``."""
+    x = cache
+    dout = check_float_array("dout", dout)
+    check_same_shape("dout", dout, "the forward output", x)
+    if get_backend() == "numpy":
+        return relu_backward_numpy(dout, x)
+    return _elementwise(_relu_backward_cpu, _relu_backward_cuda if cuda else None, dout, x)
+
+
+def sigmoid_forward(x):
+    """Logistic sigmoid, ``y = 1 / (1 + exp(-x))``, overflow-free.
+
+    Returns ``(out, cache)``; ``out`` has the shape and dtype of ``x``.
+    """
+    x = check_float_array("x", x)
+    if get_backend() == "numpy":
+        out = sigmoid_numpy(x)
+    else:
+        out = _elementwise(_sigmoid_forward_cpu, _sigmoid_forward_cuda if cuda else None, x)
+    return out, out
+
+
+def sigmoid_backward(dout, cache):
+    """Gradient of the sigmoid: ``dx = dout * y * (1 - y)``. Returns ``dx``."""
+    y = cache
+    dout = check_float_array("dout", dout)
+    check_same_shape("dout", dout, "the forward output", y)
+    if get_backend() == "numpy":
+        return sigmoid_backward_numpy(dout, y)
+    return _elementwise(_sigmoid_backward_cpu, _sigmoid_backward_cuda if cuda else None, dout, y)
