@@ -1,0 +1,20 @@
+"""Pictures: the RoIAlign sampling grid, the architecture, detections.
+
+matplotlib is imported by the submodules only, so ``import minimask`` does
+not pay for it.
+"""
+import importlib
+
+_MODULE_OF = {
+    "plot_roi_align_grid": "roi_align_grid",
+    "draw_architecture": "diagrams",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'minimask.viz' has no attribute {name!r}")
+    module = importlib.import_module(f"minimask.viz.{_MODULE_OF[name]}")
+    return getattr(module, name)
