@@ -12,8 +12,12 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def is_device_array(a) -> bool:
-    """True for arrays that live on a GPU (Numba device arrays, CuPy, ...)."""
-    return hasattr(a, "__cuda_array_interface__") and not isinstance(a, np.ndarray)
+    """True for arrays that live on a GPU (Numba device arrays, CuPy, ...),
+    and for the CUDA simulator's stand-ins, which have ``copy_to_host`` but
+    no ``__cuda_array_interface__``."""
+    if isinstance(a, np.ndarray):
+        return False
+    return hasattr(a, "__cuda_array_interface__") or hasattr(a, "copy_to_host")
 
 
 def _shape_text(shape) -> str:

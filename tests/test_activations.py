@@ -66,3 +66,18 @@ def test_relu_backward_checks_dout_shape():
     _, cache = relu_forward(np.ones((2, 3)))
     with pytest.raises(ValueError, match="dout must have the shape"):
         relu_backward(np.ones((3, 2)), cache)
+
+
+@pytest.mark.cuda
+def test_device_arrays_in_give_device_arrays_out():
+    from minimask._cuda import cuda, cuda_available
+    if not cuda_available():  # collected only in the GPU / simulator run (-m cuda)
+        pytest.fail("the cuda mark selects this test only where kernels can run")
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    with minimask.using_backend("cuda"):
+        d_out, cache = relu_forward(cuda.to_device(x))
+        assert hasattr(d_out, "copy_to_host")
+        d_dx = relu_backward(cuda.to_device(np.ones_like(x)), cache)
+        assert hasattr(d_dx, "copy_to_host")
+    np.testing.assert_array_equal(d_out.copy_to_host(), np.maximum(x, 0))
+    np.testing.assert_array_equal(d_dx.copy_to_host(), (x > 0).astype(float))
