@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minimask
+from minimask._cuda import cuda_available
 from minimask.gradcheck import check_layer
 from minimask.layers import relu_backward, relu_forward, sigmoid_backward, sigmoid_forward
 from tests.strategies import arrays, dims
@@ -69,10 +70,9 @@ def test_relu_backward_checks_dout_shape():
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(not cuda_available(), reason="runs in the GPU / simulator run (-m cuda)")
 def test_device_arrays_in_give_device_arrays_out():
-    from minimask._cuda import cuda, cuda_available
-    if not cuda_available():  # collected only in the GPU / simulator run (-m cuda)
-        pytest.fail("the cuda mark selects this test only where kernels can run")
+    from minimask._cuda import cuda
     x = np.random.default_rng(0).standard_normal((3, 4))
     with minimask.using_backend("cuda"):
         d_out, cache = relu_forward(cuda.to_device(x))
