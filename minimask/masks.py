@@ -16,8 +16,12 @@ with no ``+1``: pixel ``(i, j)`` (row ``i``, column ``j``) covers
 box crop holds the pixels whose centre lies inside the box, so an integer box
 ``(x1, y1, x2, y2)`` crops exactly ``mask[y1:y2, x1:x2]``.
 
-Mask targets for training (RoIAlign of a ground-truth mask onto an ``m x m``
-grid) and pasting predicted masks back into the image come in a later issue.
+For the mask branch:
+
+* ``mask_targets(gt_masks, boxes, m)`` - each RoI's training target, its
+  ground-truth mask resampled onto an ``m x m`` grid by RoIAlign;
+* ``paste_mask`` / ``paste_masks`` - a predicted ``m x m`` mask resized
+  bilinearly into its box in the image, then thresholded.
 """
 from __future__ import annotations
 
@@ -128,3 +132,88 @@ def background_fraction(mask, box) -> float:
                          f"{mask.shape[0]}x{mask.shape[1]} image")
     n_object = int((crop & mask).sum())
     return 1.0 - n_object / n_crop
+
+
+# --------------------------------------------------------------------------
+# Mask targets (training) and mask pasting (inference)
+# --------------------------------------------------------------------------
+
+
+def mask_targets(gt_masks, boxes, mask_size: int) -> np.ndarray:
+    """The m x m training target of each RoI: its ground-truth mask cropped
+    to the RoI and resampled by RoIAlign (avg, aligned, adaptive sampling),
+    then thresholded at 0.5 (detectron2's recipe).
+
+    gt_masks: (R, H, W) - the mask of the object each RoI is matched to,
+    one per RoI; boxes: (R, 4) RoIs in image pixels. Returns (R, m, m)
+    float of 0/1.
+    """
+    from minimask import using_backend
+    from minimask.layers import roi_align_forward
+    gt_masks = np.asarray(gt_masks)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if gt_masks.ndim != 3 or len(gt_masks) != len(boxes):
+        raise ValueError(f"gt_masks must be (R, H, W) with one mask per box; got shape "
+                         f"{gt_masks.shape} for {len(boxes)} boxes")
+    if len(boxes) == 0:
+        return np.zeros((0, mask_size, mask_size), dtype=np.float32)
+    R = len(boxes)
+    features = gt_masks.astype(np.float32)[:, None]                  # (R, 1, H, W)
+    rois = np.concatenate([np.arange(R, dtype=np.float64)[:, None], boxes], 1).astype(np.float32)
+    with using_backend("cpu" if _fast_ok() else "numpy"):
+        crops, _ = roi_align_forward(features, rois, mask_size, 1.0, sampling_ratio=0,
+                                     aligned=True)
+    return (np.asarray(crops)[:, 0] >= 0.5).astype(np.float32)
+
+
+def _fast_ok() -> bool:
+    from minimask.backend import get_backend
+    return get_backend() != "numpy"
+
+
+def paste_mask(mask, box, height: int, width: int) -> np.ndarray:
+    """Resize an m x m mask of probabilities into ``box`` on a
+    ``height x width`` image, bilinearly; (H, W) float, zero outside the box.
+
+    Pixel (i, j) has its centre at (j + 0.5, i + 0.5). A centre inside the
+    box maps to mask coordinate u = (j + 0.5 - x1) / (x2 - x1) * m - 0.5
+    (the mask's cells tile the box, cell centres at u = 0 .. m-1); samples
+    beyond the outer cell centres take the edge value, so a mask of all ones
+    pastes to every pixel whose centre lies in the box.
+    """
+    mask = np.asarray(mask, dtype=np.float64)
+    m_h, m_w = mask.shape
+    x1, y1, x2, y2 = [float(v) for v in box]
+    out = np.zeros((height, width), dtype=np.float32)
+    if not (x2 > x1 and y2 > y1):
+        return out
+    j0, j1 = max(int(np.ceil(x1 - 0.5)), 0), min(int(np.floor(x2 - 0.5)), width - 1)
+    i0, i1 = max(int(np.ceil(y1 - 0.5)), 0), min(int(np.floor(y2 - 0.5)), height - 1)
+    if j1 < j0 or i1 < i0:
+        return out
+    u = (np.arange(j0, j1 + 1) + 0.5 - x1) / (x2 - x1) * m_w - 0.5
+    v = (np.arange(i0, i1 + 1) + 0.5 - y1) / (y2 - y1) * m_h - 0.5
+    u = np.clip(u, 0, m_w - 1)
+    v = np.clip(v, 0, m_h - 1)
+    u0 = np.minimum(np.floor(u).astype(int), m_w - 2) if m_w > 1 else np.zeros_like(u, int)
+    v0 = np.minimum(np.floor(v).astype(int), m_h - 2) if m_h > 1 else np.zeros_like(v, int)
+    fu, fv = u - u0, v - v0
+    u1, v1 = np.minimum(u0 + 1, m_w - 1), np.minimum(v0 + 1, m_h - 1)
+    top = mask[v0][:, u0] * (1 - fu) + mask[v0][:, u1] * fu
+    bottom = mask[v1][:, u0] * (1 - fu) + mask[v1][:, u1] * fu
+    out[i0:i1 + 1, j0:j1 + 1] = top * (1 - fv[:, None]) + bottom * fv[:, None]
+    return out
+
+
+def paste_masks(masks, boxes, height: int, width: int, threshold: float = 0.5) -> np.ndarray:
+    """Paste each (m, m) probability mask into its box and threshold:
+    (D, m, m), (D, 4) -> (D, H, W) bool."""
+    masks = np.asarray(masks)
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    if masks.ndim != 3 or len(masks) != len(boxes):
+        raise ValueError(f"masks must be (D, m, m) with one mask per box; got shape "
+                         f"{masks.shape} for {len(boxes)} boxes")
+    out = np.zeros((len(boxes), height, width), dtype=bool)
+    for d in range(len(boxes)):
+        out[d] = paste_mask(masks[d], boxes[d], height, width) >= threshold
+    return out

@@ -244,3 +244,66 @@ def test_draw_architecture_labels_every_part():
     new_ax = draw_architecture()
     assert new_ax.figure is not fig
     plt.close(new_ax.figure)
+
+
+# ---------------------------------------------------------------------------
+# mask targets and pasting
+# ---------------------------------------------------------------------------
+
+from minimask.masks import mask_targets, paste_mask, paste_masks  # noqa: E402
+
+
+def test_full_box_mask_pastes_to_the_full_box():
+    box = np.array([10.0, 20.0, 30.0, 26.0])
+    out = paste_masks(np.ones((1, 28, 28)), box[None], 40, 50)[0]
+    expected = np.zeros((40, 50), bool)
+    expected[20:26, 10:30] = True
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_fractional_box_covers_pixels_whose_centres_are_inside():
+    # centres 2.5 .. 7.5 lie in [2.4, 7.5] (edges inclusive), 4.5 .. 8.5 in [3.6, 9.4]
+    out = paste_masks(np.ones((1, 28, 28)), np.array([[2.4, 3.6, 7.5, 9.4]]), 12, 12)[0]
+    ys, xs = np.nonzero(out)
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (2, 7, 4, 8)
+
+
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_full_mask_pastes_to_exactly_the_box_crop(seed):
+    rng = np.random.default_rng(seed)
+    x1, y1 = rng.uniform(-5, 30, 2)
+    x2, y2 = x1 + rng.uniform(0.5, 20), y1 + rng.uniform(0.5, 20)
+    box = np.array([x1, y1, x2, y2])
+    out = paste_masks(np.ones((1, 14, 14)), box[None], 32, 40)[0]
+    np.testing.assert_array_equal(out, box_mask(box, (32, 40)))
+
+
+def test_left_half_mask_pastes_to_left_half():
+    mask = np.zeros((28, 28))
+    mask[:, :14] = 1
+    out = paste_masks(mask[None], np.array([[0.0, 0.0, 20.0, 10.0]]), 10, 20)[0]
+    assert out[:, :10].all() and not out[:, 10:].any()
+
+
+def test_paste_interpolates_linearly_inside():
+    # a ramp along x stays a ramp once pasted at 2x scale
+    mask = np.tile(np.arange(4.0), (4, 1)) / 3
+    out = paste_mask(mask, [0, 0, 8, 8], 8, 8)
+    # pixel centre j + 0.5 maps to u = (j + 0.5) / 8 * 4 - 0.5, clipped to [0, 3]
+    u = np.clip((np.arange(8) + 0.5) / 2 - 0.5, 0, 3)
+    np.testing.assert_allclose(out[3], u / 3, rtol=1e-6)
+
+
+def test_mask_targets_of_a_box_inside_the_object_are_all_ones():
+    gt = np.zeros((1, 40, 40), bool)
+    gt[0, 5:35, 8:30] = True
+    t = mask_targets(gt, np.array([[10.0, 10.0, 25.0, 30.0]]), 28)
+    assert t.shape == (1, 28, 28) and np.all(t == 1)
+    # a RoI twice the object's width sees it in its left half
+    t = mask_targets(gt, np.array([[8.0, 5.0, 52.0, 35.0]]), 28)
+    assert np.all(t[0, :, :13] == 1) and np.all(t[0, :, 15:] == 0)
+
+
+def test_paste_refuses_mismatched_counts():
+    with pytest.raises(ValueError, match="one mask per box"):
+        paste_masks(np.ones((2, 28, 28)), np.zeros((3, 4)), 10, 10)
