@@ -1,0 +1,200 @@
+r"""Nearest-neighbour upsampling by an integer factor, as
+``torch.nn.functional.interpolate(x, scale_factor=s, mode="nearest")``.
+
+Forward
+    With scale (sh, sw), every input pixel becomes an sh x sw block:
+
+        out[n, c, i, j] = x[n, c, i // sh, j // sw]
+        out has shape (N, C, H * sh, W * sw)
+
+    As LaTeX: :math:`y_{ij} = x_{\lfloor i/s_h \rfloor \lfloor j/s_w \rfloor}`.
+    The FPN's top-down path uses it with s = 2 to bring a coarse map to the
+    size of the next finer one.
+
+Backward
+    Each output pixel is a copy of exactly one input pixel, so the gradient
+    of an input pixel is the sum of dout over the block it was copied into:
+
+        dx[n, c, r, s] = sum_{a < sh, b < sw} dout[n, c, r*sh + a, s*sw + b]
+
+    Written this way it is a gather - every input element reads its own
+    block and writes only itself - so neither the CPU ``prange`` nor the
+    CUDA threads (one per input element) ever write the same element, and
+    no atomics are needed.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from minimask import _cuda
+from minimask._checks import check_float_array, pair
+from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask.backend import get_backend
+
+# --------------------------------------------------------------------------
+# NumPy reference
+# --------------------------------------------------------------------------
+
+
+def upsample_nearest2d_forward_numpy(x, sh, sw):
+    return x.repeat(sh, axis=2).repeat(sw, axis=3)
+
+
+def upsample_nearest2d_backward_numpy(dout, sh, sw):
+    N, C, Ho, Wo = dout.shape
+    H, W = Ho // sh, Wo // sw
+    # split each output axis into (input index, offset in the block) and sum the offsets
+    return dout.reshape(N, C, H, sh, W, sw).sum(axis=(3, 5))
+
+
+# --------------------------------------------------------------------------
+# Numba CPU kernels: one prange iteration per (plane, input row)
+# --------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _upsample_forward_cpu(x, sh, sw, out):
+    """x is (planes, H, W); out is (planes, H * sh, W * sw)."""
+    planes, H, W = x.shape
+    for pr in prange(planes * H):
+        p = pr // H
+        r = pr % H
+        for a in range(sh):
+            for s in range(W):
+                v = x[p, r, s]
+                for b in range(sw):
+                    out[p, r * sh + a, s * sw + b] = v
+
+
+@njit(parallel=True, cache=True)
+def _upsample_backward_cpu(dout, sh, sw, dx):
+    """dx is (planes, H, W); each element sums its own sh x sw block."""
+    planes, H, W = dx.shape
+    for pr in prange(planes * H):
+        p = pr // H
+        r = pr % H
+        for s in range(W):
+            total = 0.0
+            for a in range(sh):
+                for b in range(sw):
+                    total += dout[p, r * sh + a, s * sw + b]
+            dx[p, r, s] = total
+
+
+# --------------------------------------------------------------------------
+# CUDA kernels: forward one thread per output element, backward one per
+# input element
+# --------------------------------------------------------------------------
+
+if cuda is not None:
+    @cuda.jit
+    def _upsample_forward_cuda(x, sh, sw, out):
+        planes, Ho, Wo = out.shape
+        t = cuda.grid(1)
+        if t < planes * Ho * Wo:
+            p = t // (Ho * Wo)
+            i = (t // Wo) % Ho
+            j = t % Wo
+            out[p, i, j] = x[p, i // sh, j // sw]
+
+    @cuda.jit
+    def _upsample_backward_cuda(dout, sh, sw, dx):
+        planes, H, W = dx.shape
+        t = cuda.grid(1)
+        if t < planes * H * W:
+            p = t // (H * W)
+            r = (t // W) % H
+            s = t % W
+            total = 0.0
+            for a in range(sh):
+                for b in range(sw):
+                    total += dout[p, r * sh + a, s * sw + b]
+            dx[p, r, s] = total
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+
+def _launch(n):
+    """``(blocks, threads)`` for one thread per element of n: blocks of
+    THREADS_PER_BLOCK, or for small n one block of the smallest power of two
+    >= 32 that covers it (the simulator runs every thread, idle ones
+    included, as a Python thread)."""
+    threads = 32
+    while threads < n and threads < THREADS_PER_BLOCK:
+        threads *= 2
+    return blocks_for(n, threads), threads
+
+
+def _host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def upsample_nearest2d_forward(x, scale=2):
+    """Nearest-neighbour upsampling by an integer factor.
+
+    Inputs:
+    - x: (N, C, H, W), float32 or float64
+    - scale: s or (sh, sw), integers >= 1
+
+    Returns ``(out, cache)``: ``out`` (N, C, H * sh, W * sw) in the dtype of
+    x, with ``out[n, c, i, j] = x[n, c, i // sh, j // sw]``.
+    """
+    x = check_float_array("x", x, ndim=4, what="(N, C, H, W)")
+    sh, sw = pair("scale", scale)
+    N, C, H, W = x.shape
+    out_shape = (N, C, H * sh, W * sw)
+    backend = get_backend()
+    if backend == "numpy":
+        out = upsample_nearest2d_forward_numpy(x, sh, sw)
+    elif backend == "cpu":
+        x3 = np.ascontiguousarray(_host(x)).reshape(N * C, H, W)
+        out = np.empty((N * C, H * sh, W * sw), dtype=x3.dtype)
+        _upsample_forward_cpu(x3, sh, sw, out)
+        out = out.reshape(out_shape)
+    else:
+        d_x = _cuda.to_device(x).reshape(N * C, H, W)
+        d_out = cuda.device_array((N * C, H * sh, W * sw), dtype=d_x.dtype)
+        if d_out.size:
+            _upsample_forward_cuda[_launch(d_out.size)](d_x, sh, sw, d_out)
+        out = _cuda.to_output(d_out.reshape(out_shape), x)
+    return out, (tuple(x.shape), (sh, sw), x.dtype)
+
+
+def upsample_nearest2d_backward(dout, cache):
+    """Gradient of nearest-neighbour upsampling.
+
+    Inputs:
+    - dout: (N, C, H * sh, W * sw), the shape of the forward output
+    - cache: from ``upsample_nearest2d_forward``
+
+    Returns ``dx`` (N, C, H, W) in the dtype of x:
+    ``dx[n, c, r, s] = sum_{a < sh, b < sw} dout[n, c, r*sh + a, s*sw + b]``.
+    """
+    x_shape, (sh, sw), dtype = cache
+    N, C, H, W = x_shape
+    dout = check_float_array("dout", dout)
+    out_shape = (N, C, H * sh, W * sw)
+    if tuple(dout.shape) != out_shape:
+        raise ValueError(f"dout must have the shape of the forward output {out_shape}, "
+                         f"got {tuple(dout.shape)}")
+    if dout.dtype != dtype:
+        if not isinstance(dout, np.ndarray):
+            raise ValueError(f"dout must have the dtype of x ({dtype}), got {dout.dtype}")
+        dout = dout.astype(dtype)
+    backend = get_backend()
+    if backend == "numpy":
+        return upsample_nearest2d_backward_numpy(_host(dout), sh, sw)
+    if backend == "cpu":
+        d3 = np.ascontiguousarray(_host(dout)).reshape(N * C, H * sh, W * sw)
+        dx = np.empty((N * C, H, W), dtype=dtype)
+        _upsample_backward_cpu(d3, sh, sw, dx)
+        return dx.reshape(x_shape)
+    d_dout = _cuda.to_device(dout).reshape(N * C, H * sh, W * sw)
+    d_dx = cuda.device_array((N * C, H, W), dtype=dtype)
+    if d_dx.size:
+        _upsample_backward_cuda[_launch(d_dx.size)](d_dout, sh, sw, d_dx)
+    return _cuda.to_output(d_dx.reshape(x_shape), dout)
