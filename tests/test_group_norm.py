@@ -247,10 +247,7 @@ def test_cuda_device_arrays_stay_on_device(fast_backend, rng):
         grads = group_norm_backward(cuda.to_device(dout), cache)
     got = [out, *grads]
     for r, g in zip(ref, got):
-        # The simulator's arrays have no __cuda_array_interface__, so
-        # minimask._checks.is_device_array takes them for host arrays and the
-        # outputs come back to the host; on a GPU they must stay on it.
-        if not SIMULATED:
-            assert hasattr(g, "copy_to_host"), type(g)
+        # device arrays in, device arrays out (simulator arrays included)
+        assert hasattr(g, "copy_to_host"), type(g)
         g = g.copy_to_host() if hasattr(g, "copy_to_host") else g
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
