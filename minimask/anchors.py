@@ -1,8 +1,11 @@
-r"""Anchors: which FPN level a RoI is read from (eq. (1) of the write-up).
+r"""Anchors: generating them, matching them to objects, and which FPN level
+a RoI is read from (eq. (1) of the write-up).
 
-This module will also hold anchor generation (3 ratios x 3 scales per
-location, centred at ``(i + 0.5) * stride``) and IoU matching of anchors to
-ground-truth boxes; those come with another issue. For now it holds eq. (1):
+* ``generate_anchors`` - 3 ratios x 3 scales at every location of every
+  level, centred at ``((j + 0.5) * stride, (i + 0.5) * stride)``;
+* ``match_anchors`` - IoU >= 0.5 positive, < 0.4 negative, in between
+  ignored, plus each object's best anchors (RetinaMask's best matches);
+* ``fpn_level`` - eq. (1):
 
     k = floor(k0 + log2(sqrt(w h) / 224))                          (1)
 
@@ -54,3 +57,107 @@ def fpn_level(boxes, k0=4, canonical_size=224, k_min=3, k_max=5):
                          f"{np.flatnonzero(bad).tolist()} do not")
     k = np.floor(k0 + np.log2(np.sqrt(w * h) / canonical_size + 1e-6))
     return np.clip(k, k_min, k_max).astype(np.int64)
+
+
+# --------------------------------------------------------------------------
+# Anchors: 9 per location, on every FPN level
+# --------------------------------------------------------------------------
+
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+ANCHOR_SCALES = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+
+
+def anchor_shapes(size: float, ratios=ANCHOR_RATIOS, scales=ANCHOR_SCALES) -> np.ndarray:
+    """(A, 2) widths and heights of the anchors of one level.
+
+    For a base ``size``, scale ``s`` and aspect ratio ``r = h / w``, the
+    anchor has area ``(s * size)^2`` and ``w = s * size / sqrt(r)``,
+    ``h = s * size * sqrt(r)``. Ordered ratio-major: (r0 s0, r0 s1, ...).
+    """
+    shapes = []
+    for r in ratios:
+        for s in scales:
+            shapes.append((s * size / np.sqrt(r), s * size * np.sqrt(r)))
+    return np.array(shapes, dtype=np.float64)
+
+
+def level_anchors(height: int, width: int, stride: int, size: float,
+                  ratios=ANCHOR_RATIOS, scales=ANCHOR_SCALES) -> np.ndarray:
+    """All anchors of one feature map, (height * width * A, 4).
+
+    Anchor ``a`` of location ``(i, j)`` is row ``(i * width + j) * A + a``
+    and is centred at ``((j + 0.5) * stride, (i + 0.5) * stride)`` - the
+    order a head's ``(N, A * K, H, W)`` output has once reshaped to
+    ``(N, H * W * A, K)`` (see ``flatten_head_output``).
+    """
+    wh = anchor_shapes(size, ratios, scales)
+    cy = (np.arange(height) + 0.5) * stride
+    cx = (np.arange(width) + 0.5) * stride
+    cy, cx = np.meshgrid(cy, cx, indexing="ij")
+    centres = np.stack([cx, cy], -1).reshape(-1, 1, 2)          # (HW, 1, 2)
+    half = wh.reshape(1, -1, 2) / 2                              # (1, A, 2)
+    return np.concatenate([centres - half, centres + half], -1).reshape(-1, 4)
+
+
+def generate_anchors(feature_shapes, strides, sizes, ratios=ANCHOR_RATIOS,
+                     scales=ANCHOR_SCALES) -> list[np.ndarray]:
+    """Anchors of each level: ``feature_shapes`` are the (H, W) of P3..P7."""
+    return [level_anchors(h, w, s, size, ratios, scales)
+            for (h, w), s, size in zip(feature_shapes, strides, sizes)]
+
+
+def flatten_head_output(out, per_anchor: int):
+    """(N, A * per_anchor, H, W) -> (N, H * W * A, per_anchor), anchor order
+    as ``level_anchors``."""
+    N, AK, H, W = out.shape
+    A = AK // per_anchor
+    return out.reshape(N, A, per_anchor, H, W).transpose(0, 3, 4, 1, 2).reshape(N, H * W * A, per_anchor)
+
+
+def unflatten_head_grad(dflat, shape):
+    """The inverse of ``flatten_head_output``, for the backward pass."""
+    N, AK, H, W = shape
+    per_anchor = dflat.shape[-1]
+    A = AK // per_anchor
+    return np.ascontiguousarray(
+        dflat.reshape(N, H, W, A, per_anchor).transpose(0, 3, 4, 1, 2).reshape(N, AK, H, W))
+
+
+# --------------------------------------------------------------------------
+# Matching anchors to ground truth
+# --------------------------------------------------------------------------
+
+NEGATIVE = -1
+IGNORED = -2
+
+
+def match_anchors(anchors, gt_boxes, pos_iou: float = 0.5, neg_iou: float = 0.4,
+                  low_quality: bool = True) -> np.ndarray:
+    """Assign each anchor a ground truth, or mark it negative or ignored.
+
+    Returns ``matches`` of shape (num_anchors,): the index of the matched
+    ground-truth box for positives, ``NEGATIVE`` (-1) where the best IoU is
+    below ``neg_iou``, ``IGNORED`` (-2) in between. With ``low_quality``,
+    each ground truth also claims the anchor(s) it overlaps most, even below
+    ``pos_iou`` (RetinaMask's best matches): a small or oddly shaped object
+    would otherwise get no positive anchor at all.
+    """
+    from minimask.boxes import box_iou
+    anchors = np.asarray(anchors, dtype=np.float64)
+    gt_boxes = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    matches = np.full(len(anchors), NEGATIVE, dtype=np.int64)
+    if len(gt_boxes) == 0 or len(anchors) == 0:
+        return matches
+    if not pos_iou >= neg_iou:
+        raise ValueError(f"pos_iou ({pos_iou}) must be >= neg_iou ({neg_iou})")
+    iou = box_iou(gt_boxes, anchors)                  # (G, num_anchors)
+    best_gt = iou.argmax(0)
+    best_iou = iou[best_gt, np.arange(len(anchors))]
+    matches[best_iou >= pos_iou] = best_gt[best_iou >= pos_iou]
+    matches[(best_iou >= neg_iou) & (best_iou < pos_iou)] = IGNORED
+    if low_quality:
+        for g in range(len(gt_boxes)):
+            top = iou[g].max()
+            if top > 0:
+                matches[iou[g] == top] = g
+    return matches

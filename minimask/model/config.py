@@ -1,0 +1,123 @@
+"""The model's configuration, with presets.
+
+Every number of the pipeline lives here, with DESIGN.md's defaults, so a
+checkpoint's JSON says exactly which model its weights belong to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+PRESETS = {
+    # For training on a 2-core CPU at 128-256 px: a narrow ResNet with one
+    # basic block per stage, 64 FPN channels, two convs per subnet, anchors
+    # half RetinaNet's size (objects here are 10-100 px), and a canonical
+    # RoI size scaled down so RoIs spread over P3-P5.
+    "tiny": dict(stem_channels=16, stem_kernel=3, block="basic", blocks=(1, 1, 1, 1),
+                 widths=(16, 32, 64, 128), fpn_channels=64, head_convs=2, mask_convs=2,
+                 anchor_sizes=(16, 32, 64, 128, 256), canonical_size=56),
+    "resnet18": dict(stem_channels=64, stem_kernel=7, block="basic", blocks=(2, 2, 2, 2),
+                     widths=(64, 128, 256, 512), fpn_channels=256, head_convs=4, mask_convs=4),
+    "resnet50": dict(stem_channels=64, stem_kernel=7, block="bottleneck", blocks=(3, 4, 6, 3),
+                     widths=(256, 512, 1024, 2048), fpn_channels=256, head_convs=4,
+                     mask_convs=4),
+}
+
+
+@dataclass
+class Config:
+    num_classes: int = 3
+    preset: str = "custom"
+    dtype: str = "float32"
+    seed: int = 0
+    # backbone
+    stem_channels: int = 64
+    stem_kernel: int = 7
+    block: str = "basic"
+    blocks: tuple = (2, 2, 2, 2)
+    widths: tuple = (64, 128, 256, 512)
+    # FPN and dense heads
+    fpn_channels: int = 256
+    head_convs: int = 4
+    head_norm: bool = False
+    class_prior: float = 0.01
+    # anchors and matching (levels P3..P7, strides 8..128)
+    strides: tuple = (8, 16, 32, 64, 128)
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)     # 4 x stride
+    anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    anchor_scales: tuple = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+    pos_iou: float = 0.5
+    neg_iou: float = 0.4
+    low_quality_matches: bool = True
+    # losses
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_beta: float = 1 / 9
+    self_adjusting_beta: bool = False
+    mask_loss_weight: float = 1.0
+    # post-processing
+    score_thresh: float = 0.05
+    topk_per_level: int = 1000
+    nms_thresh: float = 0.5
+    detections_per_image: int = 100
+    # mask branch
+    mask_convs: int = 4
+    mask_size: int = 28                # RoIAlign gives mask_size // 2
+    mask_upsample: str = "deconv"      # or "upsample": nearest 2x + conv3x3
+    roi_sampling_ratio: int = 2
+    roi_mode: str = "avg"              # or "max", the write-up's description
+    canonical_size: float = 224
+    canonical_level: int = 4
+    roi_min_level: int = 3
+    roi_max_level: int = 5
+    mask_roi_iou: float = 0.5          # detections become mask RoIs at this IoU
+    mask_rois_from_detections: bool = True
+    max_mask_rois: int = 64            # per image, during training
+    mask_threshold: float = 0.5
+
+    @staticmethod
+    def preset_names():
+        return sorted(PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides}).validated()
+
+    def validated(self) -> "Config":
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.block not in ("basic", "bottleneck"):
+            raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+        if len(self.blocks) != 4 or len(self.widths) != 4:
+            raise ValueError("blocks and widths must give four stages")
+        if len(self.strides) != 5 or len(self.anchor_sizes) != 5:
+            raise ValueError("strides and anchor_sizes must give five levels (P3..P7)")
+        if self.mask_size % 2:
+            raise ValueError(f"mask_size must be even (RoIAlign gives half of it), got {self.mask_size}")
+        if not 3 <= self.roi_min_level <= self.roi_max_level <= 7:
+            raise ValueError("mask RoI levels must lie within P3..P7")
+        return self
+
+    @property
+    def num_anchors(self) -> int:
+        return len(self.anchor_ratios) * len(self.anchor_scales)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**values).validated()
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
