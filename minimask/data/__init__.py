@@ -1,9 +1,11 @@
-"""Data for minimask: synthetic images with known masks.
+"""Data for minimask.
 
-For now, thin rotated bars (``minimask.data.shapes``), the kind of object
-where a mask beats a box. The full synthetic shapes dataset, COCO-format
-datasets and transforms come in a later issue.
+* ``minimask.data.synthetic`` - the synthetic shapes dataset (circles,
+  squares, triangles and long thin bars, exact masks, made from a seed);
+* ``minimask.data.shapes`` - thin rotated bars for chapter 1;
+* ``minimask.data.coco`` - COCO-format datasets (annotation JSON + images).
 """
 from minimask.data.shapes import rotated_bar_mask, thin_bars_image
+from minimask.data.synthetic import CLASSES, ShapesDataset, make_image
 
-__all__ = ["rotated_bar_mask", "thin_bars_image"]
+__all__ = ["CLASSES", "ShapesDataset", "make_image", "rotated_bar_mask", "thin_bars_image"]

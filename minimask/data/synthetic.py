@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimask.masks import box_of_mask
+
 CLASSES = ("circle", "square", "triangle", "bar")
 
 
@@ -131,10 +133,41 @@ def _target(visible, size):
                 "masks": np.zeros((0, size, size), bool)}
     masks = np.stack([m for m, _ in visible])
     labels = np.array([l for _, l in visible], dtype=np.int64)
-    boxes = np.stack([_box(m) for m in masks]).astype(np.float32)
+    boxes = np.stack([box_of_mask(m) for m in masks]).astype(np.float32)
     return {"boxes": boxes, "labels": labels, "masks": masks}
 
 
-def _box(mask):
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+class ShapesDataset:
+    """``num_images`` synthetic images of side ``size`` from ``seed``.
+
+    ``dataset[i]`` -> ``(image (3, H, W) float32 in [0, 1], target)`` with
+    target ``{"boxes": (G, 4) float32, "labels": (G,) int64, "masks": (G, H,
+    W) bool}``. Images are made on demand (a few ms each) and not stored.
+    """
+
+    class_names = CLASSES
+    num_classes = len(CLASSES)
+
+    def __init__(self, seed: int = 0, num_images: int = 1000, size: int = 128,
+                 max_objects: int = 4):
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if size < 32:
+            raise ValueError(f"size must be at least 32 pixels, got {size}")
+        self.seed, self.num_images, self.size, self.max_objects = seed, num_images, size, max_objects
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        return make_image(self.seed, index, self.size, self.max_objects)
+
+    def image_id(self, index: int) -> int:
+        return index + 1
+
+    def file_name(self, index: int) -> str:
+        return f"shapes_{self.seed}_{index:05d}.png"
