@@ -111,6 +111,14 @@ def make_batch(dataset, step: int, s: TrainSettings):
     return np.stack(images), targets
 
 
+def dataset_image_size(dataset) -> int:
+    """The side of the (square) images a dataset yields."""
+    for name in ("image_size", "size"):
+        if isinstance(getattr(dataset, name, None), int):
+            return getattr(dataset, name)
+    return int(dataset[0][0].shape[-1])
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -198,11 +206,17 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     else:
         if config is None:
             config = Config.preset("tiny", num_classes=dataset.num_classes, seed=s.seed)
+        if config.num_classes != dataset.num_classes:
+            raise ValueError(f"the model config has {config.num_classes} classes, the dataset "
+                             f"has {dataset.num_classes}")
         model = RetinaMask(config)
         optimizer = SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                         weight_decay=s.weight_decay)
         metrics_path.write_text("")
     params = model.parameters()
+    # what predict needs to prepare images like the training ones
+    about = {"image_size": int(dataset_image_size(dataset)),
+             "class_names": list(getattr(dataset, "class_names", []))}
 
     # Ctrl-C: finish the step in flight, save, and leave.
     interrupted = []
@@ -234,9 +248,9 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
             if s.progress:
                 _progress(done, s.iters, start, t0, running, lr)
             if done % s.checkpoint_every == 0 or done == s.iters:
-                save_checkpoint(out, model, optimizer, done, s)
+                save_checkpoint(out, model, optimizer, done, s, about)
             if interrupted:
-                save_checkpoint(out, model, optimizer, done, s)
+                save_checkpoint(out, model, optimizer, done, s, about)
                 log(f"\ninterrupted: saved step {done} to {out / 'checkpoint.npz'}; "
                     f"continue with --resume")
                 break

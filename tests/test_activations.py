@@ -81,3 +81,11 @@ def test_device_arrays_in_give_device_arrays_out():
         assert hasattr(d_dx, "copy_to_host")
     np.testing.assert_array_equal(d_out.copy_to_host(), np.maximum(x, 0))
     np.testing.assert_array_equal(d_dx.copy_to_host(), (x > 0).astype(float))
+
+
+def test_nan_passes_through_relu_on_every_backend(backend):
+    # a NaN turned into 0 would hide a diverged network from the loss
+    x = np.array([np.nan, -1.0, 2.0, np.inf, -np.inf])
+    out, _ = relu_forward(x)
+    out = np.asarray(out.copy_to_host() if hasattr(out, "copy_to_host") else out)
+    np.testing.assert_array_equal(out, [np.nan, 0.0, 2.0, np.inf, 0.0])

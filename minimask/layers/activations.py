@@ -70,7 +70,9 @@ sigmoid_scalar_cpu, sigmoid_scalar_cuda = _cuda.compile_for_both(_sigmoid_scalar
 @njit(parallel=True, cache=True)
 def _relu_forward_cpu(x, out):
     for i in prange(x.size):
-        out[i] = x[i] if x[i] > 0 else 0
+        # written so that NaN passes through, as np.maximum does: a NaN that
+        # ReLU turned into 0 would hide a diverged network from the loss
+        out[i] = 0 if x[i] <= 0 else x[i]
 
 
 @njit(parallel=True, cache=True)
@@ -100,7 +102,7 @@ if cuda is not None:
     def _relu_forward_cuda(x, out):
         i = cuda.grid(1)
         if i < x.size:
-            out[i] = x[i] if x[i] > 0 else 0
+            out[i] = 0 if x[i] <= 0 else x[i]  # NaN passes through
 
     @cuda.jit
     def _relu_backward_cuda(dout, x, dx):

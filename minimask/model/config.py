@@ -28,7 +28,7 @@ PRESETS = {
 @dataclass
 class Config:
     num_classes: int = 3
-    preset: str = "custom"
+    preset_name: str = "custom"      # which preset it started from
     dtype: str = "float32"
     seed: int = 0
     # backbone
@@ -84,7 +84,7 @@ class Config:
     def preset(cls, name: str, **overrides) -> "Config":
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], "preset": name, **overrides}).validated()
+        return cls(**{**PRESETS[name], "preset_name": name, **overrides}).validated()
 
     def validated(self) -> "Config":
         if self.num_classes < 1:
