@@ -167,3 +167,30 @@ def test_presets_build_with_the_documented_layouts():
         assert model.backbone.out_channels == list(widths[1:])
     r50 = Config.preset("resnet50", num_classes=80)
     assert r50.block == "bottleneck" and r50.fpn_channels == 256
+
+
+def test_self_adjusting_beta_follows_the_box_errors():
+    model = RetinaMask(micro_config(self_adjusting_beta=True, box_beta=0.11))
+    errors = np.full(50, 0.05)
+    beta = model._box_beta(errors)
+    # one update from (0.11, 0) towards (mean 0.05, var 0): 0.9 * 0.11 + 0.1 * 0.05
+    assert beta == pytest.approx(0.104)
+    for _ in range(100):
+        beta = model._box_beta(errors)
+    assert beta == pytest.approx(0.05, rel=1e-3)
+    # large errors never push beta above the configured cap
+    assert model._box_beta(np.full(50, 5.0)) == pytest.approx(0.11)
+    images, targets = scene()
+    assert np.isfinite(model.loss(images, targets)["box"])
+
+
+@pytest.mark.parametrize("mask_size", [28, 56])
+def test_mask_size_is_configurable(mask_size):
+    model = RetinaMask(micro_config(mask_size=mask_size, mask_rois_from_detections=False))
+    images, targets = scene()
+    losses = model.loss(images, targets)
+    assert np.isfinite(losses["mask"]) and losses["num_mask_rois"] == 2
+    # the mask head turns (R, C, m/2, m/2) RoI features into (R, K, m, m)
+    feats = np.zeros((3, 4, mask_size // 2, mask_size // 2))
+    logits, _ = model.mask_head.forward(feats)
+    assert logits.shape == (3, 2, mask_size, mask_size)
