@@ -1,17 +1,205 @@
-"""The command line: ``python -m minimask <command>``."""
+"""The command line: ``python -m minimask <command>``.
+
+    python -m minimask train                       # tiny model on synthetic shapes
+    python -m minimask export-shapes --out data/shapes_val --num-images 100 --seed 1000
+    python -m minimask evaluate --weights runs/train/checkpoint.npz
+    python -m minimask predict --weights W photo.jpg --out runs/predict
+    python -m minimask crop --weights W photo.jpg --out runs/crop
+    python -m minimask check                       # gradient checks and backend parity
+
+Every command has ``--help``. Bad input (a missing or corrupt file, weights
+of another configuration, a malformed annotation file, an unknown dataset)
+ends with one line ``minimask: error: ...`` on stderr and exit status 2,
+never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import zipfile
+from pathlib import Path
+
+BACKEND_CHOICES = ("numpy", "cpu", "cuda")
+
+CROP_EPILOG = """\
+Each cut-out is an RGBA PNG of the instance's box, at the image's original
+resolution: the pixels are the image's, alpha is 255 on the predicted mask
+and 0 elsewhere, so the background is transparent.
+
+One line per instance is printed (and crops.json holds the same records):
+
+  FILE class=C score=S box_background=F mask_background=0.000
+       box_px=B mask_px=M box_share=... mask_share=...
+
+With B the box crop (the pixels whose centre lies inside the box, what a
+box-only detector would hand on) and M the mask crop (the predicted mask's
+pixels, what the cut-out keeps):
+
+  box_background  = |B minus M| / |B| = 1 - M/B: the share of the box crop
+                    that is not the object - how much background a box crop
+                    carries that the mask crop drops;
+  mask_background = the same share for the mask crop: 0 by construction,
+                    since a mask crop keeps only the predicted object;
+  box_px, mask_px = |B| and |M| in pixels;
+  box_share, mask_share = |B| and |M| as fractions of the image's pixels.
+
+A long thin object at an angle gives box_background near 1; a compact,
+axis-aligned one near 0.
+"""
 
 
-def main(argv=None) -> int:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minimask.train import TrainSettings
+
+    defaults = TrainSettings()
     parser = argparse.ArgumentParser(
         prog="python -m minimask",
         description="RetinaMask from scratch in NumPy, with hand-written backward passes.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     sub.add_parser("check", help="gradient-check every layer and compare the fast "
                                  "backends with the NumPy reference")
+
+    # -- train ------------------------------------------------------------
+    p = sub.add_parser(
+        "train", help="train a model (default: the tiny preset on synthetic shapes)",
+        description="Train RetinaMask. With no arguments: the tiny preset on synthetic "
+                    "shapes, on the 'cpu' backend. Writes OUT/checkpoint.npz (+ .json), "
+                    "OUT/metrics.jsonl and OUT/losses.png; then evaluates on fresh shapes "
+                    "(seed + 1000) and draws OUT/examples.png.")
+    p.add_argument("--dataset", default="shapes", metavar="shapes|ANNOTATIONS.json",
+                   help="'shapes' (synthetic, made from --seed) or a COCO annotation file "
+                        "(default: shapes)")
+    p.add_argument("--images", metavar="DIR",
+                   help="image folder of a COCO dataset (default: the 'images' folder next "
+                        "to the annotation file)")
+    p.add_argument("--iters", type=_positive_int, default=defaults.iters,
+                   help=f"training steps (default: {defaults.iters})")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                   help=f"images per step (default: {defaults.batch_size})")
+    p.add_argument("--lr", type=_positive_float, default=defaults.lr,
+                   help=f"peak learning rate (default: {defaults.lr})")
+    p.add_argument("--image-size", type=_positive_int, default=128,
+                   help="side of the square training images in pixels (default: 128)")
+    p.add_argument("--num-images", type=_positive_int, default=2000,
+                   help="synthetic images to draw batches from (shapes only; default: 2000)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"seed of the shapes, the initial weights and the batch order "
+                        f"(default: {defaults.seed})")
+    p.add_argument("--out", default=defaults.out, metavar="DIR",
+                   help=f"run folder (default: {defaults.out})")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="cpu",
+                   help="where the layers run (default: cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint up to --iters")
+    p.add_argument("--eval-images", type=_non_negative_int, default=50,
+                   help="fresh shapes to evaluate on after training; 0 skips it (default: 50)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+
+    # -- export-shapes ----------------------------------------------------
+    p = sub.add_parser(
+        "export-shapes", help="write synthetic shapes as a COCO dataset (PNGs + JSON)",
+        description="Write OUT/images/*.png and OUT/annotations.json (COCO format, "
+                    "masks as RLE) for synthetic shapes made from --seed.")
+    p.add_argument("--seed", type=int, default=1000, help="seed of the shapes (default: 1000)")
+    p.add_argument("--num-images", type=_positive_int, default=100,
+                   help="how many images (default: 100)")
+    p.add_argument("--image-size", type=_positive_int, default=128,
+                   help="side of the square images (default: 128)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+
+    # -- evaluate ---------------------------------------------------------
+    p = sub.add_parser(
+        "evaluate", help="COCO box and mask AP of a checkpoint on a dataset",
+        description="Run a checkpoint on a dataset and print COCO box and mask AP "
+                    "(pycocotools). Writes OUT/detections.json and OUT/metrics.json. The "
+                    "images are prepared at the checkpoint's training image size.")
+    p.add_argument("--weights", required=True, metavar="W",
+                   help="a checkpoint .npz written by train")
+    p.add_argument("--dataset", default="shapes", metavar="shapes|ANNOTATIONS.json",
+                   help="'shapes' (fresh synthetic images from --seed) or a COCO annotation "
+                        "file (default: shapes)")
+    p.add_argument("--images", metavar="DIR",
+                   help="image folder of a COCO dataset (default: the 'images' folder next "
+                        "to the annotation file)")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="seed of the synthetic shapes (default: 1000, unseen in training)")
+    p.add_argument("--num-images", type=_positive_int, default=100,
+                   help="how many synthetic images (default: 100)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="images per forward pass (default: 8)")
+    p.add_argument("--out", default="runs/eval", metavar="DIR",
+                   help="where the JSON files go (default: runs/eval)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                   help="where the layers run (default: $MINIMASK_BACKEND or cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+
+    # -- predict and crop -------------------------------------------------
+    for name, help_text, description, epilog, default_out in [
+        ("predict", "detect instances in image files: overlay PNGs and JSON",
+         "Detect instances in image files of any size and mode. Writes "
+         "OUT/<image>_overlay.png per image (masks, boxes, classes, scores) and "
+         "OUT/detections.json: per image, boxes (x1, y1, x2, y2) in the image's original "
+         "pixels, class names, scores and masks as COCO RLE (pycocotools).",
+         None, "runs/predict"),
+        ("crop", "cut every detected instance out as a transparent PNG",
+         "Detect instances in image files and save each one as an RGBA cut-out at the "
+         "image's original resolution, with one line per instance comparing its box crop "
+         "with its mask crop.", CROP_EPILOG, "runs/crop"),
+    ]:
+        p = sub.add_parser(name, help=help_text, description=description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; "
+                       "RGB, greyscale, RGBA and palette images are converted to RGB)")
+        p.add_argument("--weights", required=True, metavar="W",
+                       help="a checkpoint .npz written by train")
+        p.add_argument("--out", default=default_out, metavar="DIR",
+                       help=f"output folder (default: {default_out})")
+        p.add_argument("--score-thresh", type=_probability, default=0.5,
+                       help="keep detections scoring above this (default: 0.5)")
+        p.add_argument("--max-instances", type=_positive_int, default=None, metavar="N",
+                       help="keep at most the N best detections per image (default: the "
+                            "model's own limit, 100 for the presets)")
+        p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
+                       help="where the layers run (default: $MINIMASK_BACKEND or cpu)")
+    return parser
+
+
+class CommandError(ValueError):
+    """Bad input found by the command line itself."""
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -19,7 +207,230 @@ def main(argv=None) -> int:
     if args.command == "check":
         from minimask import selfcheck
         return selfcheck.main()
-    return 2  # pragma: no cover - argparse rejects unknown commands first
+    from PIL import UnidentifiedImageError
+
+    from minimask.train import NonFiniteLoss
+    commands = {"train": cmd_train, "export-shapes": cmd_export_shapes,
+                "evaluate": cmd_evaluate, "predict": cmd_predict, "crop": cmd_crop}
+    try:
+        return commands[args.command](args)
+    except NonFiniteLoss as e:
+        _error(e)
+        return 1
+    except (ValueError, OSError, UnidentifiedImageError) as e:
+        # FileNotFoundError and PIL's UnidentifiedImageError are OSErrors;
+        # json.JSONDecodeError is a ValueError.
+        _error(e)
+        return 2
+
+
+def _error(e: BaseException) -> None:
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"minimask: error: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------
+
+
+def _use_backend(name: str | None) -> None:
+    import minimask
+    if name is None:
+        return
+    try:
+        minimask.set_backend(name)
+    except RuntimeError as e:  # 'cuda' with no GPU
+        raise CommandError(str(e)) from None
+
+
+def open_dataset(name: str, images: str | None, image_size: int, seed: int = 0,
+                 num_images: int = 100):
+    """``"shapes"`` -> ShapesDataset; a path to a .json file -> CocoDataset
+    (images from ``images``, default the ``images`` folder beside it)."""
+    if name == "shapes":
+        from minimask.data.synthetic import ShapesDataset
+        return ShapesDataset(seed=seed, num_images=num_images, size=image_size)
+    if name.lower().endswith(".json") or os.path.exists(name):
+        if not os.path.isfile(name):
+            raise CommandError(f"annotation file {name!r} does not exist")
+        images = images if images is not None else os.path.join(os.path.dirname(name) or ".",
+                                                               "images")
+        if not os.path.isdir(images):
+            raise CommandError(f"image folder {images!r} does not exist (give it with --images)")
+        from minimask.data.coco import CocoDataset
+        return CocoDataset(name, images, image_size=image_size)
+    raise CommandError(f"unknown dataset {name!r}: use 'shapes' or the path of a COCO "
+                       f"annotation file (.json)")
+
+
+def _load_weights(path, num_classes=None):
+    from minimask.predict import class_names_of, model_image_size
+    from minimask.train import load_model
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        # np.load would take it for a pickle and say so; name the real problem
+        raise CommandError(f"weights file {str(path)!r} is not a .npz checkpoint (not a zip "
+                           f"archive)")
+    model, meta = load_model(path, num_classes=num_classes)
+    return model, model_image_size(meta), class_names_of(meta, model.config.num_classes)
+
+
+def _mask_ap50(metrics: dict):
+    """Mask AP at IoU 0.5 from evaluate()'s metrics, whichever way they nest."""
+    return _find_metric(metrics, ("mask", "segm"), ("AP50", "ap50", "AP_50"))
+
+
+def _box_ap50(metrics: dict):
+    return _find_metric(metrics, ("box", "bbox"), ("AP50", "ap50", "AP_50"))
+
+
+def _find_metric(metrics, kinds, names):
+    for kind in kinds:
+        for name in names:
+            for key in (f"{kind}_{name}", f"{kind}/{name}", f"{kind}.{name}"):
+                if isinstance(metrics.get(key), (int, float)):
+                    return float(metrics[key])
+            inner = metrics.get(kind)
+            if isinstance(inner, dict) and isinstance(inner.get(name), (int, float)):
+                return float(inner[name])
+    return None
+
+
+def _read_images(paths):
+    """Read every image first, so a bad file stops the run before any output."""
+    from minimask.predict import read_rgb
+    return [read_rgb(p) for p in paths]
+
+
+def _stems(paths):
+    """A distinct output name per input image (a/x.png and b/x.png -> x, x-1)."""
+    seen, stems = {}, []
+    for p in paths:
+        stem = Path(p).stem or "image"
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        stems.append(stem if n == 0 else f"{stem}-{n}")
+    return stems
+
+
+# ----------------------------------------------------------------------
+# the commands
+# ----------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from minimask.train import TrainSettings, train
+
+    _use_backend(args.backend)
+    dataset = open_dataset(args.dataset, args.images, args.image_size, seed=args.seed,
+                           num_images=args.num_images)
+    out = Path(args.out)
+    if args.resume and not (out / "checkpoint.npz").is_file():
+        raise CommandError(f"--resume: no checkpoint to resume from in {str(out)!r} "
+                           f"({out / 'checkpoint.npz'} does not exist)")
+    settings = TrainSettings(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, out=str(out), resume=args.resume,
+                             progress=not args.no_progress)
+    print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
+          f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
+          f"{args.backend}, writing to {out}")
+    model = train(dataset, settings)
+    print(f"checkpoint:  {out / 'checkpoint.npz'} (+ checkpoint.json)")
+    print(f"metrics:     {out / 'metrics.jsonl'}")
+    print(f"loss curves: {out / 'losses.png'}")
+
+    from minimask.predict import save_examples
+    names = list(dataset.class_names)
+    if args.dataset == "shapes":
+        from minimask.data.synthetic import ShapesDataset
+        fresh_seed = args.seed + 1000
+        examples = ShapesDataset(seed=fresh_seed, num_images=4, size=args.image_size)
+        if args.eval_images:
+            from minimask.evaluate import evaluate
+            fresh = ShapesDataset(seed=fresh_seed, num_images=args.eval_images,
+                                  size=args.image_size)
+            metrics = evaluate(model, fresh, out / "eval", progress=not args.no_progress)
+            mask_ap, box_ap = _mask_ap50(metrics), _box_ap50(metrics)
+            shown = ", ".join(f"{k} AP50 {v:.3f}" for k, v in (("mask", mask_ap), ("box", box_ap))
+                              if v is not None)
+            print(f"on {args.eval_images} fresh shapes (seed {fresh_seed}): "
+                  f"{shown or 'see metrics.json'} ({out / 'eval' / 'metrics.json'})")
+    else:
+        examples = dataset
+        print("evaluate it with: python -m minimask evaluate --weights "
+              f"{out / 'checkpoint.npz'} --dataset ANNOTATIONS.json")
+    images = [examples[i][0] for i in range(min(4, len(examples)))]
+    path = save_examples(model, images, out / "examples.png", names)
+    print(f"examples:    {path}")
+    return 0
+
+
+def cmd_export_shapes(args) -> int:
+    from minimask.data.coco import export_coco
+    from minimask.data.synthetic import ShapesDataset
+
+    dataset = ShapesDataset(seed=args.seed, num_images=args.num_images, size=args.image_size)
+    path = export_coco(dataset, args.out, class_names=list(dataset.class_names))
+    print(f"wrote {args.num_images} images to {Path(args.out) / 'images'} and {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    _use_backend(args.backend)
+    model, size, _ = _load_weights(args.weights)
+    dataset = open_dataset(args.dataset, args.images, size, seed=args.seed,
+                           num_images=args.num_images)
+    if dataset.num_classes != model.config.num_classes:
+        raise CommandError(f"weights file {args.weights!r} is for {model.config.num_classes} "
+                           f"classes, the dataset has {dataset.num_classes}")
+    from minimask.evaluate import evaluate, format_metrics
+    metrics = evaluate(model, dataset, args.out, batch_size=args.batch_size,
+                       progress=not args.no_progress)
+    print(format_metrics(metrics))
+    print(f"wrote {Path(args.out) / 'detections.json'} and {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from minimask.predict import detections_to_json, predict_array, save_overlay, write_json
+
+    _use_backend(args.backend)
+    model, size, names = _load_weights(args.weights)
+    images = _read_images(args.images)
+    out = Path(args.out)
+    records = []
+    for path, stem, rgb in zip(args.images, _stems(args.images), images):
+        detections = predict_array(model, rgb, size, score_thresh=args.score_thresh,
+                                   max_detections=args.max_instances)
+        detections["file"] = str(path)
+        overlay = save_overlay(rgb, detections, out / f"{stem}_overlay.png", names)
+        records.append(detections_to_json(detections, names))
+        print(f"{path}: {len(detections['boxes'])} instances -> {overlay}")
+    json_path = write_json(out / "detections.json", records)
+    print(f"detections: {json_path}")
+    return 0
+
+
+def cmd_crop(args) -> int:
+    from minimask.predict import crop_instances, format_crop_line, predict_array, write_json
+
+    _use_backend(args.backend)
+    model, size, names = _load_weights(args.weights)
+    images = _read_images(args.images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for path, stem, rgb in zip(args.images, _stems(args.images), images):
+        detections = predict_array(model, rgb, size, score_thresh=args.score_thresh,
+                                   max_detections=args.max_instances)
+        for record in crop_instances(rgb, detections, out, stem, names):
+            record["image"] = str(path)
+            records.append(record)
+            print(format_crop_line(record))
+    json_path = write_json(out / "crops.json", records)
+    print(f"{len(records)} instances from {len(images)} images; records: {json_path}",
+          file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
