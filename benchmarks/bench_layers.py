@@ -101,10 +101,23 @@ def random_rois(rng, n, image_size, batch=1):
 
 
 def minimask_fn(fwd, bwd, args, kwargs, dout):
-    def run():
-        out, cache = fwd(*args, **kwargs)
-        grads = bwd(dout, cache)
-        return [out, *(grads if isinstance(grads, tuple) else (grads,))]
+    """A closure running fwd then bwd on host arrays; ``run.on_device()``
+    gives the same on device copies (for the "cuda" backend, so that the
+    timing leaves out host-device copies, as torch CUDA's does)."""
+    def make(args, dout):
+        def run():
+            out, cache = fwd(*args, **kwargs)
+            grads = bwd(dout, cache)
+            return [out, *(grads if isinstance(grads, tuple) else (grads,))]
+        return run
+
+    def on_device():
+        from numba import cuda
+        move = lambda a: cuda.to_device(a) if isinstance(a, np.ndarray) and a.ndim else a
+        return make([move(a) for a in args], move(dout))
+
+    run = make(args, dout)
+    run.on_device = on_device
     return run
 
 
@@ -243,8 +256,8 @@ def time_case(fns, lib, backends, repeats, cuda):
         if cuda:
             from numba import cuda as nb_cuda
             with minimask.using_backend("cuda"):
-                row["cuda"], best["cuda"] = median_time(fns["minimask"], repeats, warmup=2,
-                                                        sync=nb_cuda.synchronize)
+                row["cuda"], best["cuda"] = median_time(fns["minimask"].on_device(), repeats,
+                                                        warmup=2, sync=nb_cuda.synchronize)
     elif "torch" in fns:
         row["torch"], best["torch"] = median_time(fns["torch"]("cpu"), repeats)
         if cuda and torch.cuda.is_available():
