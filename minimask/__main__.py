@@ -10,13 +10,14 @@
 Every command has ``--help``. Bad input (a missing or corrupt file, weights
 of another configuration, a malformed annotation file, an unknown dataset)
 ends with one line ``minimask: error: ...`` on stderr and exit status 2,
-never a traceback.
+never a traceback (set ``MINIMASK_DEBUG=1`` to see the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -176,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
          "image's original resolution, with one line per instance comparing its box crop "
          "with its mask crop.", CROP_EPILOG, "runs/crop"),
     ]:
-        p = sub.add_parser(name, help=help_text, description=description, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        # raw formatting keeps the epilog's layout; the description is wrapped here
+        p = sub.add_parser(name, help=help_text, description=textwrap.fill(description, 78),
+                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; "
                        "RGB, greyscale, RGBA and palette images are converted to RGB)")
         p.add_argument("--weights", required=True, metavar="W",
@@ -220,6 +222,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError, UnidentifiedImageError) as e:
         # FileNotFoundError and PIL's UnidentifiedImageError are OSErrors;
         # json.JSONDecodeError is a ValueError.
+        if os.environ.get("MINIMASK_DEBUG") == "1":
+            raise                       # the full traceback, for developers
         _error(e)
         return 2
 

@@ -58,6 +58,22 @@ def blocks_for(n: int, threads: int = THREADS_PER_BLOCK) -> int:
     return max(1, math.ceil(n / threads))
 
 
+def launch_config(n: int) -> tuple[int, int]:
+    """``(blocks, threads)`` for one thread per element of ``n``: blocks of
+    THREADS_PER_BLOCK, or for small ``n`` a single block of the smallest
+    power of two >= 32 that covers it (the simulator runs every thread, idle
+    ones included, as a Python thread, so small launches keep it quick)."""
+    threads = 32
+    while threads < n and threads < THREADS_PER_BLOCK:
+        threads *= 2
+    return blocks_for(n, threads), threads
+
+
+def to_host(a):
+    """A NumPy array of ``a``, copying it back if it lives on the device."""
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
 def to_device(a):
     """Return ``a`` as a device array (copying host arrays over)."""
     require_cuda()

@@ -182,19 +182,8 @@ if cuda is not None:
 # --------------------------------------------------------------------------
 
 
-def _launch(n):
-    """``(blocks, threads)`` for one thread per element of n: blocks of
-    THREADS_PER_BLOCK, or for small n one block of the smallest power of two
-    >= 32 that covers it (the simulator runs every thread, idle ones
-    included, as a Python thread)."""
-    threads = 32
-    while threads < n and threads < THREADS_PER_BLOCK:
-        threads *= 2
-    return blocks_for(n, threads), threads
-
-
-def _host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+_launch = _cuda.launch_config
+_host = _cuda.to_host
 
 
 def _check_geometry(x_shape, kernel_size, stride, padding):
