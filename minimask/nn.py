@@ -144,6 +144,8 @@ def load_npz(path) -> tuple[dict[str, np.ndarray], dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"weights file {path!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"weights file {path!r} is not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

@@ -199,6 +199,9 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
         optimizer.load_state_dict(meta["_optimizer"])
         start = int(meta["step"])
         log(f"resumed from {ckpt} at step {start}")
+        if start >= s.iters:
+            log(f"the checkpoint is already at step {start}, at or past --iters {s.iters}: "
+                f"nothing to train (raise --iters to continue)")
         if metrics_path.exists():  # drop lines logged after the checkpoint
             kept = [l for l in metrics_path.read_text().splitlines()
                     if l.strip() and json.loads(l)["step"] <= start]
