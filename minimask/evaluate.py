@@ -209,8 +209,6 @@ def evaluate(model, dataset, out_dir, batch_size: int = 8, progress: bool = True
     metrics = coco_metrics(ground_truth, detections)
     _write_json(out_dir / "detections.json", detections)
     _write_json(out_dir / "metrics.json", metrics)
-    if progress:
-        print(format_metrics(metrics), file=sys.stderr)
     return metrics
 
 
