@@ -78,13 +78,19 @@ def _sampled_gradcheck(model, images, targets, names_per_module=4, seed=0, h=1e-
     return np.array(analytic), np.array(numeric)
 
 
-@pytest.mark.parametrize("upsample", ["deconv", "upsample"])
-def test_whole_model_gradient_check(upsample):
+@pytest.mark.parametrize("variant", [
+    dict(mask_upsample="deconv"),
+    dict(mask_upsample="upsample"),
+    # GroupNorm in the dense heads, and a mask head narrower than the FPN
+    # whose first conv changes the width
+    dict(head_norm=True, mask_channels=3, mask_convs=2),
+], ids=["deconv", "upsample", "head-norm-narrow-mask"])
+def test_whole_model_gradient_check(variant):
     # Mask RoIs come from the ground truth only: detections are a
     # piecewise-constant function of the weights (thresholds, NMS), a kink
     # no centred difference can cross.
     with minimask.using_backend("numpy"):
-        model = RetinaMask(micro_config(mask_rois_from_detections=False, mask_upsample=upsample))
+        model = RetinaMask(micro_config(mask_rois_from_detections=False, **variant))
         images, targets = scene()
         analytic, numeric = _sampled_gradcheck(model, images, targets, names_per_module=6)
     assert np.count_nonzero(analytic) > len(analytic) // 2

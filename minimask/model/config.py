@@ -63,6 +63,7 @@ class Config:
     detections_per_image: int = 100
     # mask branch
     mask_convs: int = 4
+    mask_channels: int | None = None   # width of the mask head; None: fpn_channels
     mask_size: int = 28                # RoIAlign gives mask_size // 2
     mask_upsample: str = "deconv"      # or "upsample": nearest 2x + conv3x3
     roi_sampling_ratio: int = 2
@@ -99,6 +100,8 @@ class Config:
             raise ValueError("strides and anchor_sizes must give five levels (P3..P7)")
         if self.mask_size % 2:
             raise ValueError(f"mask_size must be even (RoIAlign gives half of it), got {self.mask_size}")
+        if self.mask_channels is not None and self.mask_channels < 1:
+            raise ValueError(f"mask_channels must be a positive width or None, got {self.mask_channels}")
         if not 3 <= self.roi_min_level <= self.roi_max_level <= 7:
             raise ValueError("mask RoI levels must lie within P3..P7")
         return self

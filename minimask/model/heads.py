@@ -24,12 +24,16 @@ from minimask.model.modules import Conv2d, ConvTranspose2d, GroupNorm, ReLU, Seq
 from minimask.nn import Module
 
 
-def _tower(channels, n_convs, rng, dtype, norm, init="normal"):
+def _tower(channels, n_convs, rng, dtype, norm, init="normal", out_channels=None):
+    """``n_convs`` x (conv3x3 [+ GN] + ReLU); the first conv maps ``channels``
+    to ``out_channels`` (default: the same), the rest keep that width."""
+    out_channels = channels if out_channels is None else out_channels
     layers = []
-    for _ in range(n_convs):
-        layers.append(Conv2d(channels, channels, 3, 1, 1, rng=rng, init=init, std=0.01, dtype=dtype))
+    for k in range(n_convs):
+        c_in = channels if k == 0 else out_channels
+        layers.append(Conv2d(c_in, out_channels, 3, 1, 1, rng=rng, init=init, std=0.01, dtype=dtype))
         if norm:
-            layers.append(GroupNorm(gn_groups(channels), channels, dtype=dtype))
+            layers.append(GroupNorm(gn_groups(out_channels), out_channels, dtype=dtype))
         layers.append(ReLU())
     return Sequential(*layers)
 
@@ -67,18 +71,26 @@ def class_prior_bias(prior: float = 0.01) -> float:
 
 
 class MaskHead(Module):
-    """RoI features (R, C, s, s) -> mask logits (R, K, 2s, 2s)."""
+    """RoI features (R, C, s, s) -> mask logits (R, K, 2s, 2s).
 
-    def __init__(self, channels, n_convs, num_classes, *, rng, dtype, upsample="deconv"):
+    ``width`` is the number of channels inside the head (default ``C``); a
+    narrower head is cheaper, since its cost grows with the number of RoIs.
+    With ``n_convs == 0`` the upsampling layer reads the RoI features."""
+
+    def __init__(self, channels, n_convs, num_classes, *, rng, dtype, upsample="deconv",
+                 width=None):
         if upsample not in ("deconv", "upsample"):
             raise ValueError(f"mask upsample must be 'deconv' or 'upsample', got {upsample!r}")
-        self.tower = _tower(channels, n_convs, rng, dtype, norm=False, init="kaiming")
+        width = channels if width is None else width
+        self.tower = _tower(channels, n_convs, rng, dtype, norm=False, init="kaiming",
+                            out_channels=width)
+        c_up = width if n_convs else channels
         self.upsample = upsample
         if upsample == "deconv":
-            self.up = ConvTranspose2d(channels, channels, 2, 2, rng=rng, dtype=dtype)
+            self.up = ConvTranspose2d(c_up, width, 2, 2, rng=rng, dtype=dtype)
         else:
-            self.up = Conv2d(channels, channels, 3, 1, 1, rng=rng, dtype=dtype)
-        self.predict = Conv2d(channels, num_classes, 1, rng=rng, init="normal", std=0.001,
+            self.up = Conv2d(c_up, width, 3, 1, 1, rng=rng, dtype=dtype)
+        self.predict = Conv2d(width, num_classes, 1, rng=rng, init="normal", std=0.001,
                               dtype=dtype)
 
     def forward(self, x):

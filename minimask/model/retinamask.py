@@ -53,7 +53,7 @@ class RetinaMask(Module):
         self.box_head = DenseHead(C, config.head_convs, config.num_anchors, 4, rng=rng,
                                   dtype=dtype, norm=config.head_norm)
         self.mask_head = MaskHead(C, config.mask_convs, config.num_classes, rng=rng, dtype=dtype,
-                                  upsample=config.mask_upsample)
+                                  upsample=config.mask_upsample, width=config.mask_channels)
         self.pooler = MultiLevelRoIAlign(
             output_size=config.mask_size // 2, sampling_ratio=config.roi_sampling_ratio,
             mode=config.roi_mode, canonical_size=config.canonical_size,
