@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"peak learning rate (default: {defaults.lr})")
     p.add_argument("--image-size", type=_positive_int, default=128,
                    help="side of the square training images in pixels (default: 128)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes that share each batch, one thread each (data parallel; "
+                        "default: 2 on a machine with 2 or more cores, else 1; the run "
+                        "depends on it)")
     p.add_argument("--num-images", type=_positive_int, default=2000,
                    help="synthetic images to draw batches from (shapes only; default: 2000)")
     p.add_argument("--seed", type=int, default=defaults.seed,
@@ -322,6 +326,14 @@ def _stems(paths):
 # ----------------------------------------------------------------------
 
 
+def default_workers(batch_size: int, backend: str) -> int:
+    """Two processes where there are two cores (the tiny model's layers are
+    too small to keep two threads of one process busy), else one."""
+    if backend == "cuda":
+        return 1
+    return max(1, min(2, os.cpu_count() or 1, batch_size))
+
+
 def cmd_train(args) -> int:
     from minimask.train import TrainSettings, train
 
@@ -332,12 +344,19 @@ def cmd_train(args) -> int:
     if args.resume and not (out / "checkpoint.npz").is_file():
         raise CommandError(f"--resume: no checkpoint to resume from in {str(out)!r} "
                            f"({out / 'checkpoint.npz'} does not exist)")
+    workers = args.workers or default_workers(args.batch_size, args.backend)
+    if workers > args.batch_size:
+        raise CommandError(f"--workers {workers} is more than --batch-size {args.batch_size}: "
+                           f"each worker needs at least one image of the batch")
+    if workers > 1 and args.backend == "cuda":
+        raise CommandError("--workers splits batches over CPU processes; use --workers 1 "
+                           "with --backend cuda")
     settings = TrainSettings(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, out=str(out), resume=args.resume,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, workers=workers)
     print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
           f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
-          f"{args.backend}, writing to {out}")
+          f"{args.backend}, {workers} worker{'s' if workers > 1 else ''}, writing to {out}")
     model = train(dataset, settings)
     print(f"checkpoint:  {out / 'checkpoint.npz'} (+ checkpoint.json)")
     print(f"metrics:     {out / 'metrics.jsonl'}")

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minimask.boxes import (BBOX_XFORM_CLIP, batched_nms, box_iou, clip_boxes, decode_boxes,
-                            encode_boxes, nms)
+                            encode_boxes, nms, nms_numpy)
 from tests.strategies import seeds
 
 
@@ -60,6 +60,26 @@ def test_nms_properties(seed, threshold):
     for d in dropped:
         over = box_iou(boxes[d:d + 1], boxes[keep])[0] > threshold
         assert np.any(over & (scores[keep] >= scores[d]))
+
+
+@given(seed=seeds(), threshold=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_nms_kernel_matches_the_numpy_reference(seed, threshold, dtype):
+    # crowded boxes, copies of boxes and tied scores: the cases where the
+    # greedy order and the exact IoU comparison matter
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 300))
+    boxes = random_boxes(rng, n, size=40.0)
+    boxes[rng.random(n) < 0.2] = boxes[0]
+    scores = np.round(rng.random(n), 1)
+    boxes, scores = boxes.astype(dtype), scores.astype(dtype)
+    np.testing.assert_array_equal(nms(boxes, scores, threshold),
+                                  nms_numpy(boxes, scores, threshold))
+
+
+def test_nms_refuses_nan_scores():
+    with pytest.raises(ValueError, match="scores"):
+        nms(np.array([[0, 0, 1, 1.0]]), np.array([np.nan]), 0.5)
 
 
 def test_nms_hand_case():
