@@ -166,7 +166,17 @@ class DataParallel:
                     else:
                         os.environ[k] = v
             for conn in self._conns:
-                self._receive(conn)                     # "ready", or the worker's error
+                try:
+                    self._receive(conn)                 # "ready", or the worker's error
+                except RuntimeError as e:
+                    if "without a message" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        "a data-parallel worker process died while starting. Workers start "
+                        "by re-importing the main script (Python's 'spawn'), so a script "
+                        "that trains with workers > 1 must call it under "
+                        "`if __name__ == \"__main__\":`; the worker's own error is printed "
+                        "above") from None
         except BaseException:
             self.close()
             raise
