@@ -564,3 +564,18 @@ def test_bad_input_in_a_subprocess_leaves_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"minimask: error: weights file {str(tmp_path / 'missing.npz')!r} does not exist"]
+
+
+def test_more_workers_than_images_per_batch(tmp_path, capsys):
+    code, out, err = _run(capsys, ["train", "--iters", "1", "--batch-size", "2", "--workers", "3",
+                                   "--out", str(tmp_path / "w"), "--no-progress"])
+    _assert_clean_error(code, out, err, "--workers 3", "--batch-size 2")
+
+
+def test_default_workers_use_two_cores_at_most(monkeypatch):
+    from minimask.__main__ import default_workers
+    for cores, batch, backend, expected in [(1, 4, "cpu", 1), (2, 4, "cpu", 2), (16, 4, "cpu", 2),
+                                            (16, 1, "cpu", 1), (None, 4, "cpu", 1),
+                                            (16, 4, "cuda", 1)]:
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        assert default_workers(batch, backend) == expected, (cores, batch, backend)
