@@ -173,6 +173,13 @@ def test_presets_build_with_the_documented_layouts():
         assert model.backbone.out_channels == list(widths[1:])
     r50 = Config.preset("resnet50", num_classes=80)
     assert r50.block == "bottleneck" and r50.fpn_channels == 256
+    # the tiny mask head is narrower than its FPN: 64 channels in, 32 inside
+    tiny = RetinaMask(Config.preset("tiny", num_classes=3))
+    widths = [p.value.shape for n, p in tiny.named_parameters()
+              if n.startswith("mask_head.") and n.endswith("weight")]
+    assert widths[0][:2] == (32, 64) and widths[-1][:2] == (3, 32), widths
+    with pytest.raises(ValueError, match="mask_channels"):
+        Config.preset("tiny", num_classes=3, mask_channels=0)
 
 
 def test_self_adjusting_beta_follows_the_box_errors():
