@@ -8,7 +8,9 @@ survive a crash or a Ctrl-C.
 A run directory holds
 - ``checkpoint.npz``  weights and optimiser state (written atomically)
 - ``checkpoint.json`` the model config, the step and the settings
-- ``metrics.jsonl``   one line per logged step: the three terms of eq. (2)
+- ``metrics.jsonl``   one line per logged step: running means of the three
+                      terms of eq. (2) (kept in the checkpoint, so a resumed
+                      run continues them)
 - ``losses.png``      their curves
 
 ``--resume`` (``resume=True``) reloads all of it and continues at the next
@@ -210,7 +212,13 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
                         weight_decay=s.weight_decay)
         optimizer.load_state_dict(meta["_optimizer"])
         start = int(meta["step"])
+        running = {k: float(v) for k, v in meta.get("running", {}).items()}
         log(f"resumed from {ckpt} at step {start}")
+        before = meta.get("settings", {}).get("workers", 1)
+        if before != s.workers:
+            log(f"note: steps up to {start} ran with {before} worker(s), this run uses "
+                f"{s.workers}; each worker normalises its own part of the batch, so the "
+                f"result differs slightly from an uninterrupted run")
         if start >= s.iters:
             log(f"the checkpoint is already at step {start}, at or past --iters {s.iters}: "
                 f"nothing to train (raise --iters to continue)")
@@ -228,6 +236,7 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
         optimizer = SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
                         weight_decay=s.weight_decay)
         metrics_path.write_text("")
+        running = {}
     params = model.parameters()
     # what predict needs to prepare images like the training ones
     about = {"image_size": int(dataset_image_size(dataset)),
@@ -237,7 +246,6 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     interrupted = []
     previous_handler = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    running = {}
     step = start
     parallel = None
     try:
@@ -274,9 +282,9 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
             if s.progress:
                 _progress(done, s.iters, start, t0, running, lr)
             if done % s.checkpoint_every == 0 or done == s.iters:
-                save_checkpoint(out, model, optimizer, done, s, about)
+                save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
             if interrupted:
-                save_checkpoint(out, model, optimizer, done, s, about)
+                save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
                 log(f"\ninterrupted: saved step {done} to {out / 'checkpoint.npz'}; "
                     f"continue with --resume")
                 break

@@ -91,6 +91,11 @@ def test_same_seed_same_run_and_resume_matches_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(pa.value, pc.value, rtol=1e-5, atol=1e-7, err_msg=n)
     rows = (tmp_path / "c" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3, 4]
+    # the running means are in the checkpoint: the logged curve has no seam
+    straight = (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
+    for r, q in zip(rows, straight):
+        for k in ("cls", "box", "mask", "total"):
+            assert json.loads(r)[k] == pytest.approx(json.loads(q)[k], rel=1e-5), (r, q)
 
 
 class ExplodingData:
