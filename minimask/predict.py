@@ -160,8 +160,6 @@ def predict_steps(model, images, score_thresh: float | None = None,
     ``score_thresh`` and ``max_detections`` (the ``n`` of top-``n``) replace
     the model's settings for this call.
     """
-    from minimask.layers.activations import sigmoid_numpy
-
     c = model.config
     saved = c.score_thresh, c.detections_per_image
     if score_thresh is not None:
@@ -169,31 +167,14 @@ def predict_steps(model, images, score_thresh: float | None = None,
     if max_detections is not None:
         c.detections_per_image = int(max_detections)
     try:
-        images = model._check_images(images)
-        N, _, H, W = images.shape
-        P, logits, deltas, _ = model._forward_dense(images)
-        anchors_per_level = model._anchors(P)
-        results = []
-        for n in range(N):
-            boxes, scores, labels = model._detect_one(logits[n], deltas[n], anchors_per_level,
-                                                      H, W)
-            K, m = c.num_classes, c.mask_size
-            class_masks = np.zeros((len(boxes), K, m, m))
-            if len(boxes):
-                rois = np.concatenate([np.full((len(boxes), 1), n), boxes], 1).astype(model.dtype)
-                roi_features, _ = model.pooler.forward(P, rois)
-                mask_logits, _ = model.mask_head.forward(roi_features)
-                class_masks = sigmoid_numpy(np.asarray(mask_logits).astype(np.float64))
-            mask_probs = class_masks[np.arange(len(boxes)), labels]
-            masks = paste_masks(mask_probs, boxes, H, W, c.mask_threshold)
-            results.append({"boxes": np.asarray(boxes, np.float64).reshape(-1, 4),
-                            "scores": np.asarray(scores, np.float64),
-                            "labels": np.asarray(labels, np.int64),
-                            "class_masks": class_masks, "mask_probs": mask_probs,
-                            "masks": masks})
+        results = model.predict(images, return_probabilities=True)
     finally:
         c.score_thresh, c.detections_per_image = saved
-    return results
+    return [{"boxes": np.asarray(r["boxes"], np.float64).reshape(-1, 4),
+             "scores": np.asarray(r["scores"], np.float64),
+             "labels": np.asarray(r["labels"], np.int64),
+             "class_masks": r["class_masks"], "mask_probs": r["mask_probs"],
+             "masks": r["masks"]} for r in results]
 
 
 def predict_array(model, rgb: np.ndarray, size: int, score_thresh: float | None = None,

@@ -136,6 +136,18 @@ def test_predict_returns_the_contract_fields():
     assert det["masks"].dtype == bool
     assert np.all(np.diff(det["scores"]) <= 0)
     assert np.all((det["boxes"] >= 0) & (det["boxes"] <= 64))
+    # the probabilities behind the masks, on request
+    (full,) = model.predict(images.astype(np.float32), return_probabilities=True)
+    K, m = model.config.num_classes, model.config.mask_size
+    assert full["class_masks"].shape == (D, K, m, m) and full["mask_probs"].shape == (D, m, m)
+    np.testing.assert_array_equal(full["mask_probs"],
+                                  full["class_masks"][np.arange(D), full["labels"]])
+    assert np.all((full["class_masks"] > 0) & (full["class_masks"] < 1))
+    from minimask.masks import paste_masks
+    np.testing.assert_array_equal(
+        paste_masks(full["mask_probs"], full["boxes"].astype(np.float64), 64, 64, 0.5), det["masks"])
+    for key in ("boxes", "scores", "labels", "masks"):
+        np.testing.assert_array_equal(full[key], det[key])
 
 
 @pytest.mark.parametrize("bad, message", [

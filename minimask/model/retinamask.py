@@ -310,10 +310,16 @@ class RetinaMask(Module):
     # inference
     # ------------------------------------------------------------------
 
-    def predict(self, images) -> list[dict]:
+    def predict(self, images, return_probabilities: bool = False) -> list[dict]:
         """Detections per image: boxes (D, 4), scores (D,), labels (D,),
         masks (D, H, W) bool - the masks of the top detections only, pasted
-        into their boxes and thresholded."""
+        into their boxes and thresholded.
+
+        With ``return_probabilities=True`` each dict also holds the step
+        before pasting: ``class_masks`` (D, K, m, m), the sigmoid of the mask
+        subnet's output for every class, and ``mask_probs`` (D, m, m), the
+        predicted class's mask, ``class_masks[d, labels[d]]`` - the one
+        that is pasted."""
         c = self.config
         images = self._check_images(images)
         N, _, H, W = images.shape
@@ -323,13 +329,22 @@ class RetinaMask(Module):
         for n in range(N):
             boxes, scores, labels = self._detect_one(logits[n], deltas[n], anchors_per_level, H, W)
             masks = np.zeros((len(boxes), H, W), dtype=bool)
+            class_masks = np.zeros((len(boxes), c.num_classes, c.mask_size, c.mask_size))
+            mask_probs = np.zeros((len(boxes), c.mask_size, c.mask_size))
             if len(boxes):
                 rois = np.concatenate([np.full((len(boxes), 1), n), boxes], 1).astype(self.dtype)
                 roi_features, _ = self.pooler.forward(P, rois)
-                mask_logits, _ = self.mask_head.forward(roi_features)
-                chosen = np.asarray(mask_logits)[np.arange(len(boxes)), labels]
-                masks = paste_masks(sigmoid_numpy(chosen.astype(np.float64)), boxes, H, W,
-                                    c.mask_threshold)
-            results.append({"boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32),
-                            "labels": labels, "masks": masks})
+                mask_logits = np.asarray(self.mask_head.forward(roi_features)[0])
+                if return_probabilities:
+                    class_masks = sigmoid_numpy(mask_logits.astype(np.float64))
+                    mask_probs = class_masks[np.arange(len(boxes)), labels]
+                else:           # only the predicted class's channel is needed
+                    chosen = mask_logits[np.arange(len(boxes)), labels]
+                    mask_probs = sigmoid_numpy(chosen.astype(np.float64))
+                masks = paste_masks(mask_probs, boxes, H, W, c.mask_threshold)
+            result = {"boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32),
+                      "labels": labels, "masks": masks}
+            if return_probabilities:
+                result.update(class_masks=class_masks, mask_probs=mask_probs)
+            results.append(result)
         return results
