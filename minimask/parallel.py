@@ -142,7 +142,8 @@ class DataParallel:
             _, self._values = _flat_views(self._values_shm.buf, self.params, dtype)
             self._grads = []
             ctx = mp.get_context("spawn")
-            # one thread per process: the workers share the cores with this one
+            # one thread per worker: n single-threaded workers fill n cores, while this
+            # process only waits for them (spawned children read these at start-up)
             saved = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                     "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
             os.environ.update({k: "1" for k in saved})
