@@ -329,8 +329,8 @@ class RetinaMask(Module):
         for n in range(N):
             boxes, scores, labels = self._detect_one(logits[n], deltas[n], anchors_per_level, H, W)
             masks = np.zeros((len(boxes), H, W), dtype=bool)
-            class_masks = np.zeros((len(boxes), c.num_classes, c.mask_size, c.mask_size))
-            mask_probs = np.zeros((len(boxes), c.mask_size, c.mask_size))
+            mask_probs = np.zeros((0, c.mask_size, c.mask_size))
+            class_masks = np.zeros((0, c.num_classes, c.mask_size, c.mask_size))
             if len(boxes):
                 rois = np.concatenate([np.full((len(boxes), 1), n), boxes], 1).astype(self.dtype)
                 roi_features, _ = self.pooler.forward(P, rois)
