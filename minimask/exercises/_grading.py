@@ -51,7 +51,7 @@ class Grade:
         if expected.dtype.kind in "biu":
             bad = np.argwhere(yours != expected)
             if len(bad):
-                i = tuple(bad[0])
+                i = tuple(int(k) for k in bad[0])
                 return self.record(name, False, f"{len(bad)} entries differ, first at {i}: "
                                    f"yours {yours[i]}, expected {expected[i]}")
             return self.record(name, True)
