@@ -101,7 +101,18 @@ def level_anchors(height: int, width: int, stride: int, size: float,
 
 def generate_anchors(feature_shapes, strides, sizes, ratios=ANCHOR_RATIOS,
                      scales=ANCHOR_SCALES) -> list[np.ndarray]:
-    """Anchors of each level: ``feature_shapes`` are the (H, W) of P3..P7."""
+    """Anchors of each level: ``feature_shapes`` are the (H, W) of P3..P7,
+    with one stride and one anchor size per level. Raises ``ValueError``
+    when the three lists differ in length (``zip`` would silently drop the
+    extra levels)."""
+    feature_shapes, strides, sizes = list(feature_shapes), list(strides), list(sizes)
+    if not len(feature_shapes) == len(strides) == len(sizes):
+        raise ValueError(f"feature_shapes, strides and sizes need one entry per level; got "
+                         f"{len(feature_shapes)} feature shapes, {len(strides)} strides and "
+                         f"{len(sizes)} sizes")
+    for k, shape in enumerate(feature_shapes):
+        if len(shape) != 2:
+            raise ValueError(f"feature_shapes[{k}] must be (H, W), got {shape!r}")
     return [level_anchors(h, w, s, size, ratios, scales)
             for (h, w), s, size in zip(feature_shapes, strides, sizes)]
 
@@ -156,8 +167,13 @@ def match_anchors(anchors, gt_boxes, pos_iou: float = 0.5, neg_iou: float = 0.4,
     matches[best_iou >= pos_iou] = best_gt[best_iou >= pos_iou]
     matches[(best_iou >= neg_iou) & (best_iou < pos_iou)] = IGNORED
     if low_quality:
-        for g in range(len(gt_boxes)):
-            top = iou[g].max()
-            if top > 0:
-                matches[iou[g] == top] = g
+        # An anchor that is some object's best (ties included) becomes a
+        # positive even below pos_iou - but for the object it overlaps MOST,
+        # not for the object that claimed it: a claim must never take an
+        # anchor away from an object with a higher IoU (torchvision's Matcher
+        # and detectron2's do the same). Objects that overlap no anchor at all
+        # (best IoU 0) claim nothing.
+        top = iou.max(1, keepdims=True)                  # (G, 1)
+        _, claimed = np.nonzero((iou == top) & (top > 0))
+        matches[claimed] = best_gt[claimed]
     return matches

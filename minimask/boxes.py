@@ -51,8 +51,16 @@ def _check_boxes(name, boxes):
 
 
 def box_area(boxes) -> np.ndarray:
-    """Area of each ``(x1, y1, x2, y2)`` box; (B, 4) -> (B,)."""
+    """Area of each ``(x1, y1, x2, y2)`` box; (B, 4) -> (B,).
+
+    Integer boxes are multiplied in int64 and float16 in float32: the area
+    of a box is about the square of its coordinates, which overflows a
+    narrow type (int8 ``[0, 0, 100, 100]`` would give 16)."""
     boxes = _check_boxes("boxes", boxes)
+    if boxes.dtype.kind in "iu":
+        boxes = boxes.astype(np.int64)
+    elif boxes.dtype.itemsize < 4:
+        boxes = boxes.astype(np.float32)
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 

@@ -1,6 +1,8 @@
 """Anchor generation, the head-output layout, and matching."""
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minimask.anchors import (IGNORED, NEGATIVE, anchor_shapes, flatten_head_output,
                               generate_anchors, level_anchors, match_anchors, unflatten_head_grad)
@@ -72,3 +74,70 @@ def test_matching_picks_the_best_ground_truth():
     anchors = np.array([[0, 0, 10, 10.0]])
     gt = np.array([[0, 0, 10, 9.0], [0, 0, 10, 10.0]])
     assert match_anchors(anchors, gt).tolist() == [1]
+
+
+# --------------------------------------------------------------------------
+# Low-quality matches must never take an anchor from a better object
+# (issue 11): the rule of torchvision's Matcher and detectron2's Matcher.
+# --------------------------------------------------------------------------
+
+def _peers_matching(anchors, gt, pos_iou=0.5, neg_iou=0.4):
+    """torchvision / detectron2's rule, written as loops over anchors:
+    each anchor takes the object it overlaps most; below neg_iou it is
+    negative, between the thresholds ignored; an anchor that is the best
+    of some object (ties included, IoU > 0) is a positive of the object it
+    overlaps most."""
+    from minimask.boxes import box_iou
+    iou = box_iou(np.asarray(gt, float), np.asarray(anchors, float))
+    G, A = iou.shape
+    out = []
+    for a in range(A):
+        g_best = int(np.argmax(iou[:, a]))
+        v = iou[g_best, a]
+        label = g_best if v >= pos_iou else (IGNORED if v >= neg_iou else NEGATIVE)
+        for g in range(G):
+            if iou[g].max() > 0 and iou[g, a] == iou[g].max():
+                label = g_best
+        out.append(label)
+    return np.array(out)
+
+
+def test_low_quality_claim_keeps_the_anchor_with_the_higher_iou():
+    # the issue's minimal case: object 1's best anchor is object 0's perfect match
+    anchors = np.array([[0, 0, 10, 10.0]])
+    gt = np.array([[0, 0, 10, 10.0], [0, 0, 10, 9.0]])
+    assert match_anchors(anchors, gt).tolist() == [0]
+
+
+def test_low_quality_claim_below_threshold_goes_to_the_best_object():
+    # object 1 (a thin bar) has its best anchor at IoU 0.3 < 0.4, and that
+    # anchor overlaps object 0 at 0.45: the anchor is re-admitted as a
+    # positive, but of object 0
+    anchors = np.array([[0, 0, 10, 10.0], [100, 100, 110, 110.0]])
+    gt = np.array([[0, 0, 10, 4.5], [0, 7, 10, 10.0]])
+    m = match_anchors(anchors, gt)
+    assert m.tolist() == [0, NEGATIVE]
+    np.testing.assert_array_equal(m, _peers_matching(anchors, gt))
+
+
+@given(st.integers(0, 10_000))
+def test_matching_equals_the_peers_rule_on_random_crowded_scenes(seed):
+    rng = np.random.default_rng(seed)
+    anchors = level_anchors(6, 6, stride=8, size=16)
+    G = int(rng.integers(1, 8))
+    xy = rng.uniform(0, 40, (G, 2))
+    wh = rng.uniform(2, 30, (G, 2)) * rng.choice([0.2, 1.0, 5.0], (G, 1)) ** [1, -1]
+    gt = np.concatenate([xy, xy + np.clip(wh, 1, 60)], 1)
+    # duplicate boxes and boxes sharing an anchor exactly are the hard cases
+    if G > 1 and seed % 3 == 0:
+        gt[1] = gt[0]
+    np.testing.assert_array_equal(match_anchors(anchors, gt), _peers_matching(anchors, gt))
+
+
+def test_generate_anchors_refuses_lists_of_different_lengths():
+    with pytest.raises(ValueError, match="one entry per level"):
+        generate_anchors([(8, 8)], (8,), (32, 64))
+    with pytest.raises(ValueError, match="one entry per level"):
+        generate_anchors([(8, 8), (4, 4)], (8, 16), (32,))
+    with pytest.raises(ValueError, match=r"feature_shapes\[0\]"):
+        generate_anchors([(8,)], (8,), (32,))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minimask.boxes import (BBOX_XFORM_CLIP, batched_nms, box_iou, clip_boxes, decode_boxes,
+from minimask.boxes import (BBOX_XFORM_CLIP, batched_nms, box_area, box_iou, clip_boxes, decode_boxes,
                             encode_boxes, nms, nms_numpy)
 from tests.strategies import seeds
 
@@ -141,3 +141,10 @@ def test_bad_boxes_are_refused():
 def test_clip_boxes():
     out = clip_boxes(np.array([[-5.0, 3.0, 120.0, 90.0]]), height=80, width=100)
     np.testing.assert_array_equal(out, [[0, 3, 100, 80]])
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int32, np.float16])
+def test_box_area_of_narrow_types_does_not_overflow(dtype):
+    # issue 11: int8 [[0, 0, 100, 100]] gave 16 (10000 mod 256)
+    boxes = np.array([[0, 0, 100, 100], [10, 20, 60, 120]], dtype=dtype)
+    np.testing.assert_array_equal(box_area(boxes), [10_000, 5_000])
