@@ -41,7 +41,8 @@ import numpy as np
 from minimask.data.coco import (CocoDataset, coco_ground_truth, dataset_categories,
                                 mask_to_rle, target_to_annotations, _file_name, _image_id)
 
-__all__ = ["evaluate", "format_metrics", "detections_to_coco", "coco_metrics", "METRIC_NAMES"]
+__all__ = ["evaluate", "format_metrics", "detections_to_coco", "coco_metrics", "per_category_ap",
+           "METRIC_NAMES"]
 
 # the first six numbers of COCOeval.stats, in its order
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -114,17 +115,45 @@ def _coco_api(dataset_dict: dict):
     return coco
 
 
+def per_category_ap(ev) -> dict:
+    """``{category id: {"AP", "AP50"}}`` from an accumulated ``COCOeval``.
+
+    ``ev.eval["precision"]`` has shape (IoU thresholds, recall points,
+    categories, area ranges, max detections); -1 marks a cell with no
+    ground truth. A category's AP is the mean of its defined cells over all
+    IoU thresholds and recall points, for all areas and 100 detections per
+    image - the same average ``COCOeval.summarize`` takes over every
+    category together, restricted to one (detectron2 reports it this way).
+    AP50 takes the first IoU threshold, 0.5, alone. -1 where the category
+    has no ground truth.
+    """
+    precision = ev.eval["precision"]
+    area_all = list(ev.params.areaRngLbl).index("all")
+    t50 = int(np.argmin(np.abs(np.asarray(ev.params.iouThrs) - 0.5)))
+    out = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, area_all, -1]
+        p50 = p[t50]
+        out[int(cat_id)] = {"AP": float(p[p > -1].mean()) if np.any(p > -1) else -1.0,
+                            "AP50": float(p50[p50 > -1].mean()) if np.any(p50 > -1) else -1.0}
+    return out
+
+
 def coco_metrics(ground_truth: dict, detections: list[dict]) -> dict:
-    """``{"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...}}`` from
+    """``{"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...},
+    "per_category": {"bbox": {name: {"AP", "AP50"}}, "segm": {...}}}`` from
     COCOeval on a ground-truth COCO dict and a list of results.
 
     For ``segm`` the detections go in without their ``bbox``, so that
     pycocotools takes each detection's area (for APs/APm/APl) from its mask
-    rather than from its box, as it does for the ground truth.
+    rather than from its box, as it does for the ground truth. Per category
+    (see ``per_category_ap``), names come from the ground truth's categories.
     """
     from pycocotools.cocoeval import COCOeval
     gt = _coco_api(ground_truth)
     metrics = {}
+    names = {c["id"]: str(c.get("name", c["id"])) for c in ground_truth["categories"]}
+    per_category = {}
     for iou_type in ("bbox", "segm"):
         if iou_type == "bbox":
             dets = [{k: v for k, v in d.items() if k != "segmentation"} for d in detections]
@@ -143,6 +172,8 @@ def coco_metrics(ground_truth: dict, detections: list[dict]) -> dict:
             ev.accumulate()
             ev.summarize()
         metrics[iou_type] = {name: float(v) for name, v in zip(METRIC_NAMES, ev.stats[:6])}
+        per_category[iou_type] = {names[c]: v for c, v in per_category_ap(ev).items()}
+    metrics["per_category"] = per_category
     return metrics
 
 
@@ -218,17 +249,30 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _percent(v, width: int = 8) -> str:
+    return f"{'-':>{width}}" if v is None or v < 0 else f"{100 * v:{width}.1f}"
+
+
 def format_metrics(metrics: dict) -> str:
     """A small table of ``evaluate``'s metrics, one row per IoU type, in
-    percent; ``-`` where pycocotools reported -1 (undefined)."""
+    percent; ``-`` where pycocotools reported -1 (undefined). When the
+    metrics hold ``per_category``, a second table gives box and mask AP and
+    AP50 of each category, so a weak class shows without any code."""
     header = f"{'':6}" + "".join(f"{name:>8}" for name in METRIC_NAMES)
     rows = [header]
     for iou_type in ("bbox", "segm"):
         if iou_type not in metrics:
             continue
-        cells = []
-        for name in METRIC_NAMES:
-            v = metrics[iou_type].get(name)
-            cells.append(f"{'-':>8}" if v is None or v < 0 else f"{100 * v:8.1f}")
+        cells = [_percent(metrics[iou_type].get(name)) for name in METRIC_NAMES]
         rows.append(f"{iou_type:6}" + "".join(cells))
+    per = metrics.get("per_category") or {}
+    names = list(dict.fromkeys(n for t in ("bbox", "segm") for n in per.get(t, {})))
+    if names:
+        width = max(8, max(len(n) for n in names))
+        rows += ["", f"{'category':{width}}" + "".join(
+            f"{h:>10}" for h in ("box AP", "box AP50", "mask AP", "mask AP50"))]
+        for n in names:
+            b, m = per.get("bbox", {}).get(n, {}), per.get("segm", {}).get(n, {})
+            rows.append(f"{n:{width}}" + "".join(_percent(v, 10) for v in (
+                b.get("AP"), b.get("AP50"), m.get("AP"), m.get("AP50"))))
     return "\n".join(rows)

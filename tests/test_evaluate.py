@@ -252,3 +252,74 @@ def test_progress_prints_a_line_and_leaves_the_table_to_the_caller(tmp_path, sha
     assert "evaluating 5/5 images" in captured.err and "bbox" not in captured.err
     table = format_metrics(metrics)
     assert "bbox" in table and "100.0" in table
+
+
+# ------------------------------------------------- per-category AP (issue 11)
+
+
+def _square_mask(H, W, x1, y1, x2, y2):
+    m = np.zeros((H, W), dtype=bool)
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+def test_per_category_ap_by_hand():
+    """One image, one object each of categories 1 and 2, none of 3.
+    Category 1: a perfect detection alone -> AP 1. Category 2: a false
+    detection scored above the perfect one -> precision 1/2 at every
+    recall level (COCO interpolates precision as the best at any higher
+    recall) -> AP 0.5. Category 3 has no ground truth -> -1 (undefined)."""
+    from minimask.data.coco import mask_to_rle
+    from minimask.evaluate import coco_metrics
+    H = W = 40
+    a, b = _square_mask(H, W, 2, 2, 12, 12), _square_mask(H, W, 20, 20, 36, 30)
+    fp = _square_mask(H, W, 25, 2, 38, 14)
+    gt = {"images": [{"id": 7, "height": H, "width": W, "file_name": "x.png"}],
+          "categories": [{"id": 1, "name": "cat1"}, {"id": 2, "name": "cat2"},
+                         {"id": 3, "name": "cat3"}],
+          "annotations": [
+              {"id": 1, "image_id": 7, "category_id": 1, "bbox": [2, 2, 10, 10], "area": 100,
+               "iscrowd": 0, "segmentation": mask_to_rle(a)},
+              {"id": 2, "image_id": 7, "category_id": 2, "bbox": [20, 20, 16, 10], "area": 160,
+               "iscrowd": 0, "segmentation": mask_to_rle(b)}]}
+    dets = [{"image_id": 7, "category_id": 1, "bbox": [2, 2, 10, 10], "score": 0.9,
+             "segmentation": mask_to_rle(a)},
+            {"image_id": 7, "category_id": 2, "bbox": [25, 2, 13, 12], "score": 0.95,
+             "segmentation": mask_to_rle(fp)},
+            {"image_id": 7, "category_id": 2, "bbox": [20, 20, 16, 10], "score": 0.8,
+             "segmentation": mask_to_rle(b)}]
+    metrics = coco_metrics(gt, dets)
+    for iou_type in ("bbox", "segm"):
+        per = metrics["per_category"][iou_type]
+        assert set(per) == {"cat1", "cat2", "cat3"}
+        # pycocotools divides by tp + fp + eps (np.spacing(1)): 1 - 2e-16, not 1
+        assert per["cat1"] == {"AP": pytest.approx(1.0, abs=1e-12),
+                               "AP50": pytest.approx(1.0, abs=1e-12)}, per
+        assert per["cat2"]["AP"] == pytest.approx(0.5) and per["cat2"]["AP50"] == pytest.approx(0.5)
+        assert per["cat3"] == {"AP": -1.0, "AP50": -1.0}
+        # the overall AP is the mean over the categories that have ground truth
+        assert metrics[iou_type]["AP"] == pytest.approx(0.75)
+
+
+def test_per_category_ap_singles_out_the_spoiled_class(tmp_path, shapes):
+    """Erode only the bars' masks: the bar row drops, every other class stays at 1."""
+    bar = shapes.class_names.index("bar")
+
+    def erode_bars(d):
+        d["masks"][d["labels"] == bar, :, ::2] = False
+        return d
+    metrics = evaluate(FakeModel(shapes, erode_bars), shapes, tmp_path, progress=False)
+    per = metrics["per_category"]
+    present = {shapes.class_names[int(l)] for i in range(len(shapes)) for l in shapes[i][1]["labels"]}
+    assert "bar" in present, "the fixture must hold a bar for this test to mean anything"
+    for name in present:
+        assert per["bbox"][name]["AP"] == pytest.approx(1.0, abs=1e-12)
+        if name == "bar":
+            assert per["segm"][name]["AP"] < 0.5, per["segm"]
+        else:
+            assert per["segm"][name]["AP"] == pytest.approx(1.0, abs=1e-12), (name, per["segm"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["per_category"] == per
+    table = format_metrics(metrics)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[4:] if line.strip()}
+    assert rows["bar"][0] == "100.0" and float(rows["bar"][2]) < 50, table
