@@ -42,7 +42,7 @@ from minimask.data.coco import (CocoDataset, coco_ground_truth, dataset_categori
                                 mask_to_rle, target_to_annotations, _file_name, _image_id)
 
 __all__ = ["evaluate", "format_metrics", "detections_to_coco", "coco_metrics", "per_category_ap",
-           "METRIC_NAMES"]
+           "CutoutReport", "METRIC_NAMES"]
 
 # the first six numbers of COCOeval.stats, in its order
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -104,6 +104,64 @@ def detections_to_coco(boxes, scores, labels, masks, image_id: int, category_ids
                         "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
                         "score": round(float(score), 5), "segmentation": mask_to_rle(mask)})
     return results
+
+
+class CutoutReport:
+    """How much background a cut-out keeps, per class, against the true masks.
+
+    For each ground-truth object, the detection a user would cut it out with
+    is the highest-scoring one of its class whose box overlaps the object's
+    box at IoU >= 0.5 (any score). Of that detection's two crops,
+
+        box crop:   |box \\ M| / |box|          (``masks.background_fraction``)
+        mask crop:  |P \\ M| / |P|              (P its pasted mask, M the true one)
+
+    are the shares of pixels that are not the object. The report keeps, per
+    class, the objects, how many had such a detection, and the two means
+    over those. Everything is in model-input pixels, where the targets are.
+    """
+
+    def __init__(self, class_names):
+        self.class_names = list(class_names)
+        K = len(self.class_names)
+        self.objects = np.zeros(K, np.int64)
+        self.matched = np.zeros(K, np.int64)
+        self.box_bg = np.zeros(K)
+        self.mask_bg = np.zeros(K)
+
+    def add(self, detection: dict, target: dict) -> None:
+        from minimask.boxes import box_iou
+        from minimask.masks import background_fraction
+        gt_boxes = np.asarray(target["boxes"], dtype=np.float64).reshape(-1, 4)
+        gt_labels = np.asarray(target["labels"]).astype(np.int64)
+        gt_masks = np.asarray(target["masks"]).astype(bool)
+        boxes = np.asarray(detection["boxes"], dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray(detection["labels"]).astype(np.int64)
+        scores = np.asarray(detection["scores"], dtype=np.float64)
+        masks = np.asarray(detection["masks"]).astype(bool)
+        iou = box_iou(gt_boxes, boxes) if len(gt_boxes) and len(boxes) else \
+            np.zeros((len(gt_boxes), len(boxes)))
+        for g, c in enumerate(gt_labels):
+            self.objects[c] += 1
+            ok = np.flatnonzero((labels == c) & (iou[g] >= 0.5))
+            if not len(ok):
+                continue
+            d = ok[np.argmax(scores[ok])]
+            self.matched[c] += 1
+            self.box_bg[c] += background_fraction(gt_masks[g], boxes[d])
+            p = masks[d]
+            # an empty pasted mask cuts out nothing: no background, but no
+            # object either - count it as all background, the honest worst
+            self.mask_bg[c] += 1.0 - (p & gt_masks[g]).sum() / p.sum() if p.any() else 1.0
+
+    def as_dict(self) -> dict:
+        out = {}
+        for c, name in enumerate(self.class_names):
+            m = int(self.matched[c])
+            out[name] = {"objects": int(self.objects[c]), "matched": m,
+                         "box_crop_background": float(self.box_bg[c] / m) if m else -1.0,
+                         "mask_crop_background": float(self.mask_bg[c] / m) if m else -1.0}
+        return out
 
 
 def _coco_api(dataset_dict: dict):
@@ -195,7 +253,11 @@ def evaluate(model, dataset, out_dir, batch_size: int = 8, progress: bool = True
     Returns
     -------
     ``{"bbox": {"AP", "AP50", "AP75", "APs", "APm", "APl"}, "segm": {...}}``,
-    floats in [0, 1], or -1 where pycocotools finds the number undefined.
+    floats in [0, 1], or -1 where pycocotools finds the number undefined;
+    ``"per_category"``: box and mask AP / AP50 of each class
+    (``coco_metrics``); ``"cutout"``: per class, the background share of the
+    box crop and of the mask crop of each object's detection
+    (``CutoutReport``).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
@@ -207,6 +269,7 @@ def evaluate(model, dataset, out_dir, batch_size: int = 8, progress: bool = True
     class_names, category_ids = dataset_categories(dataset)
     is_coco = isinstance(dataset, CocoDataset)
     gt_images, gt_annotations, detections = [], [], []
+    cutouts = CutoutReport(class_names)
     start, N = time.time(), len(dataset)
     for first in range(0, N, batch_size):
         indices = list(range(first, min(N, first + batch_size)))
@@ -217,6 +280,7 @@ def evaluate(model, dataset, out_dir, batch_size: int = 8, progress: bool = True
             raise ValueError(f"model.predict gave {len(results)} results for {len(indices)} images")
         for i, (image, target), d in zip(indices, items, results):
             _check_detection(d, i, image.shape[-2], image.shape[-1])
+            cutouts.add(d, target)
             image_id = _image_id(dataset, i)
             boxes, masks = _to_original(d, dataset, i)
             detections += detections_to_coco(boxes, np.asarray(d["scores"]),
@@ -238,6 +302,7 @@ def evaluate(model, dataset, out_dir, batch_size: int = 8, progress: bool = True
                         "categories": [{"id": c, "name": n} for c, n in zip(category_ids,
                                                                              class_names)]}
     metrics = coco_metrics(ground_truth, detections)
+    metrics["cutout"] = cutouts.as_dict()
     _write_json(out_dir / "detections.json", detections)
     _write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -275,4 +340,15 @@ def format_metrics(metrics: dict) -> str:
             b, m = per.get("bbox", {}).get(n, {}), per.get("segm", {}).get(n, {})
             rows.append(f"{n:{width}}" + "".join(_percent(v, 10) for v in (
                 b.get("AP"), b.get("AP50"), m.get("AP"), m.get("AP50"))))
+    cut = metrics.get("cutout") or {}
+    if cut:
+        width = max(8, max(len(n) for n in cut))
+        rows += ["", "background kept by a cut-out (share of the crop that is not the object,",
+                 "mean over objects with a detection of their class at box IoU >= 0.5)",
+                 f"{'category':{width}}" + "".join(f"{h:>10}" for h in ("matched", "box crop",
+                                                                        "mask crop"))]
+        for n, r in cut.items():
+            rows.append(f"{n:{width}}" + f"{r['matched']:>5}/{r['objects']:<4}" + "".join(
+                f"{'-':>10}" if v < 0 else f"{v:10.3f}"
+                for v in (r["box_crop_background"], r["mask_crop_background"])))
     return "\n".join(rows)

@@ -216,7 +216,7 @@ def test_evaluate_on_fresh_shapes_writes_both_json(weights, tmp_path, capsys):
                                     "--seed", "1000", "--out", str(out), "--no-progress"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"bbox", "segm", "per_category"} and "AP50" in metrics["segm"]
+    assert set(metrics) == {"bbox", "segm", "per_category", "cutout"} and "AP50" in metrics["segm"]
     # per-class AP (issue 11): every class of the shapes, box and mask
     for iou_type in ("bbox", "segm"):
         assert set(metrics["per_category"][iou_type]) == {"circle", "square", "triangle", "bar"}

@@ -321,5 +321,62 @@ def test_per_category_ap_singles_out_the_spoiled_class(tmp_path, shapes):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["per_category"] == per
     table = format_metrics(metrics)
-    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[4:] if line.strip()}
+    section = table.split("box AP  box AP50")[1].split("\n\n")[0]
+    rows = {line.split()[0]: line.split()[1:] for line in section.splitlines()[1:] if line.strip()}
     assert rows["bar"][0] == "100.0" and float(rows["bar"][2]) < 50, table
+
+
+# ------------------------------------------------- cut-out background (issue 11)
+
+
+class _OneScene:
+    """One 40x40 image: a filled square (class 0) and a one-pixel diagonal
+    line (class 1) in the box [20, 20, 30, 30]."""
+    class_names = ["square", "line"]
+
+    def __init__(self):
+        H = W = 40
+        sq = np.zeros((H, W), bool)
+        sq[2:12, 2:12] = True
+        line = np.zeros((H, W), bool)
+        line[np.arange(20, 30), np.arange(20, 30)] = True
+        self.target = {"boxes": np.array([[2, 2, 12, 12], [20, 20, 30, 30]], np.float32),
+                       "labels": np.array([0, 1]), "masks": np.stack([sq, line])}
+        self.image = np.random.default_rng(0).random((3, H, W)).astype(np.float32)
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return self.image, self.target
+
+
+def test_cutout_background_by_hand(tmp_path):
+    scene = _OneScene()
+
+    def fatter_line(d):
+        # the line's predicted mask gets 10 extra pixels next to the diagonal
+        d["masks"][1, np.arange(20, 30), np.arange(21, 31)] = True
+        return d
+    cut = evaluate(FakeModel(scene, fatter_line), scene, tmp_path, progress=False)["cutout"]
+    assert cut["square"] == {"objects": 1, "matched": 1, "box_crop_background": 0.0,
+                             "mask_crop_background": 0.0}
+    # box crop: 100 pixels, 10 of them the line -> 0.9; mask crop: 20 pixels, 10 of them the line
+    assert cut["line"]["matched"] == 1
+    assert cut["line"]["box_crop_background"] == pytest.approx(0.9)
+    assert cut["line"]["mask_crop_background"] == pytest.approx(0.5)
+
+
+def test_cutout_needs_a_detection_of_the_right_class(tmp_path):
+    scene = _OneScene()
+
+    def swap_labels(d):
+        d["labels"] = d["labels"][::-1].copy()
+        return d
+    cut = evaluate(FakeModel(scene, swap_labels), scene, tmp_path, progress=False)["cutout"]
+    for name in ("square", "line"):
+        assert cut[name]["objects"] == 1 and cut[name]["matched"] == 0
+        assert cut[name]["mask_crop_background"] == -1.0
+    assert "background kept by a cut-out" in format_metrics({"cutout": cut})
+    line_row = [r for r in format_metrics({"cutout": cut}).splitlines() if r.startswith("line")]
+    assert line_row and line_row[0].split() == ["line", "0/1", "-", "-"], line_row
