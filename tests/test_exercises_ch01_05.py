@@ -245,6 +245,13 @@ def test_answers(check, value, right):
     assert check(value, verbose=False) is right
 
 
+@pytest.mark.parametrize("check", [check_answer_aspect_ratio, check_answer_im2col_megabytes,
+                                   check_answer_focal_tenth, check_answer_fma_per_global_load])
+def test_a_blank_answer_is_not_attempted(check, capsys):
+    assert grade(check, None) is None
+    assert "not attempted yet" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("check", [c for c, _ in CORRECT], ids=[c.__name__ for c, _ in CORRECT])
 def test_a_skeleton_is_not_attempted_not_a_crash(check, capsys):
     def skeleton(*args):

@@ -14,11 +14,11 @@ from minimask.gradcheck import numerical_gradient, rel_error
 
 
 class NotAttempted(Exception):
-    """The learner's function still raises ``NotImplementedError``."""
+    """The learner's function still raises ``NotImplementedError`` (or an
+    answer is still ``None``): the skeleton as handed out."""
 
-    def __init__(self, exercise: str):
-        super().__init__(f"{exercise}: not attempted yet (your function raises "
-                         f"NotImplementedError)")
+    def __init__(self, exercise: str, why: str = "your function raises NotImplementedError"):
+        super().__init__(f"{exercise}: not attempted yet ({why})")
         self.exercise = exercise
 
 
@@ -122,7 +122,10 @@ class Grade:
                            f"numerical {numeric[i]:.6g}")
 
     def answer(self, name: str, yours, expected: float, rtol: float = 1e-3) -> bool:
-        """A numeric answer: agrees within ``rtol`` (relative)."""
+        """A numeric answer: agrees within ``rtol`` (relative). ``None`` (the
+        blank as handed out) is not attempted yet (see ``grade``)."""
+        if yours is None:
+            raise NotAttempted(self.exercise, "your answer is still None")
         try:
             value = float(yours)
         except (TypeError, ValueError):
