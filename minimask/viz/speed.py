@@ -93,14 +93,21 @@ def draw_gemm_plan(M=512, N=512, K=256, thread=(1, 2)):
 
     # -- middle: one block tile and the strided micro-tile of one thread -------
     ax = axes[1]
-    owner = np.zeros((g.BM, g.BN))
     ty, tx = thread
-    rows = ty + g.ROW_STEP * np.arange(g.TM)
-    cols = tx + g.COL_STEP * np.arange(g.TN)
-    owner[np.ix_(rows, cols)] = 2
-    owner[np.ix_(np.arange(g.TM) * g.ROW_STEP, np.arange(g.TN) * g.COL_STEP)] = 1
-    ax.imshow(owner, cmap=plt.matplotlib.colors.ListedColormap(["white", "C3", "C0"]),
-              vmin=0, vmax=2, interpolation="nearest")
+    # one element is 1/128 of the tile: draw owned elements as markers big
+    # enough to see, and shade the 16 x 16 square the 256 threads cover at
+    # each (i, j) of their micro-tiles
+    ax.add_patch(Rectangle((-0.5, -0.5), g.COL_STEP, g.ROW_STEP, color="0.85", zorder=0))
+    ax.text(g.COL_STEP + 1, g.ROW_STEP / 2, f"all {n['threads']} threads at (i, j) = (0, 0)",
+            fontsize=7, va="center", color="0.35")
+    for (oy, ox), colour in [((0, 0), "C3"), ((ty, tx), "C0")]:
+        r = oy + g.ROW_STEP * np.arange(g.TM)
+        c = ox + g.COL_STEP * np.arange(g.TN)
+        cc, rr = np.meshgrid(c, r)
+        ax.scatter(cc.ravel(), rr.ravel(), marker="s", s=22, color=colour, zorder=3)
+    ax.set_xlim(-0.5, g.BN - 0.5)
+    ax.set_ylim(g.BM - 0.5, -0.5)
+    ax.set_aspect("equal")
     for t in range(0, g.BM + 1, g.ROW_STEP):
         ax.axhline(t - 0.5, color="0.85", lw=0.5)
     for t in range(0, g.BN + 1, g.COL_STEP):
