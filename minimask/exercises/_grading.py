@@ -55,7 +55,9 @@ class Grade:
 
     def call(self, name: str, fn, *args, **kwargs):
         """Run the learner's function; an exception becomes a failed check
-        (with the last line of its traceback) instead of stopping the grader."""
+        (with the last line of its traceback) instead of stopping the grader.
+        ``NotImplementedError``, the untouched skeleton, raises
+        ``NotAttempted`` instead, which ``grade`` turns into "not attempted yet"."""
         try:
             return True, fn(*args, **kwargs)
         except NotImplementedError:
