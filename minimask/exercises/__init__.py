@@ -9,14 +9,19 @@ and what differs, and returns ``True`` only when everything agrees::
     from minimask.exercises import check_bilinear_weights
     check_bilinear_weights(my_bilinear_weights)
 
-Every ``check_*`` of every chapter module is importable from this package.
+Every ``check_*`` of every chapter module is importable from this package,
+and so is ``grade(check, your_function)``, which the chapters use: it says
+"not attempted yet" for a function that still raises ``NotImplementedError``
+instead of stopping the chapter.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-__all__: list[str] = []
+from minimask.exercises._grading import NotAttempted, grade
+
+__all__: list[str] = ["NotAttempted", "grade"]
 
 for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
     if not _info.name.startswith("ch"):

@@ -10,6 +10,33 @@ import traceback
 
 import numpy as np
 
+from minimask.gradcheck import numerical_gradient, rel_error
+
+
+class NotAttempted(Exception):
+    """The learner's function still raises ``NotImplementedError`` (or an
+    answer is still ``None``): the skeleton as handed out."""
+
+    def __init__(self, exercise: str, why: str = "your function raises NotImplementedError"):
+        super().__init__(f"{exercise}: not attempted yet ({why})")
+        self.exercise = exercise
+
+
+def grade(check, your_function, **kwargs):
+    """Run ``check(your_function)``, the way a chapter calls a grader.
+
+    A function that still raises ``NotImplementedError`` (the skeleton as
+    handed out) prints "not attempted yet" and gives ``None`` instead of
+    stopping the chapter, so every chapter runs top to bottom before the
+    learner has written a line. Otherwise returns what the grader returns:
+    ``True`` when every check agrees, ``False`` when one differs.
+    """
+    try:
+        return check(your_function, **kwargs)
+    except NotAttempted as e:
+        print(e)
+        return None
+
 
 class Grade:
     """Collects the checks of one exercise and prints them as they come."""
@@ -28,9 +55,14 @@ class Grade:
 
     def call(self, name: str, fn, *args, **kwargs):
         """Run the learner's function; an exception becomes a failed check
-        (with the last line of its traceback) instead of stopping the grader."""
+        (with the last line of its traceback) instead of stopping the grader.
+        ``NotImplementedError``, the untouched skeleton, raises
+        ``NotAttempted`` instead, which ``grade`` turns into "not attempted yet"."""
         try:
             return True, fn(*args, **kwargs)
+        except NotImplementedError:
+            # the skeleton as handed out: nothing to grade yet (see ``grade``)
+            raise NotAttempted(self.exercise) from None
         except Exception as e:  # the learner's code may raise anything
             last = traceback.format_exception_only(type(e), e)[-1].strip()
             self.record(name, False, f"your function raised {last}")
@@ -66,6 +98,45 @@ class Grade:
                                f"{tuple(int(k) for k in i)}: yours {yours[i]:.6g}, "
                                f"expected {expected[i]:.6g}")
         return self.record(name, True)
+
+    def gradient(self, name: str, f, x: np.ndarray, yours, dout: np.ndarray,
+                 tol: float = 1e-6, h: float = 1e-6) -> bool:
+        """Gradient check: ``yours`` against centred differences of
+        ``sum(f() * dout)`` with respect to ``x`` (``f`` takes no arguments
+        and reads ``x``, which is perturbed in place and restored; use
+        float64 and a random ``dout``). Agrees when the relative error
+        (``minimask.gradcheck.rel_error``) is below ``tol``."""
+        numeric = numerical_gradient(f, x, dout, h=h)
+        try:
+            yours = np.asarray(yours, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            return self.record(name, False, f"could not read your gradient as an array ({e})")
+        if yours.shape != numeric.shape:
+            return self.record(name, False, f"shape {yours.shape}, expected {numeric.shape}")
+        if not np.all(np.isfinite(yours)):
+            return self.record(name, False, "your gradient has non-finite values")
+        err = rel_error(yours, numeric)
+        if err < tol:
+            return self.record(name, True, f"relative error {err:.1e} against centred differences")
+        i = np.unravel_index(np.argmax(np.abs(yours - numeric)), numeric.shape)
+        return self.record(name, False, f"relative error {err:.1e} against centred differences; "
+                           f"worst at {tuple(int(k) for k in i)}: yours {yours[i]:.6g}, "
+                           f"numerical {numeric[i]:.6g}")
+
+    def answer(self, name: str, yours, expected: float, rtol: float = 1e-3) -> bool:
+        """A numeric answer: agrees within ``rtol`` (relative). ``None`` (the
+        blank as handed out) is not attempted yet (see ``grade``)."""
+        if yours is None:
+            raise NotAttempted(self.exercise, "your answer is still None")
+        try:
+            value = float(yours)
+        except (TypeError, ValueError):
+            return self.record(name, False, f"your answer {yours!r} is not a number")
+        if not np.isfinite(value):
+            return self.record(name, False, f"your answer {value} is not finite")
+        ok = abs(value - expected) <= rtol * abs(expected)
+        return self.record(name, ok, "" if ok else f"yours {value:.6g} is not it "
+                           f"(within {rtol:.0e} relative)")
 
     @property
     def passed(self) -> bool:

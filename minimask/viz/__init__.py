@@ -1,4 +1,4 @@
-"""Pictures: the RoIAlign sampling grid, the architecture, detections.
+"""Pictures: the RoIAlign sampling grid (and the RoIPool it replaced), the architecture, detections.
 
 matplotlib is imported by the submodules only, so ``import minimask`` does
 not pay for it.
@@ -7,6 +7,7 @@ import importlib
 
 _MODULE_OF = {
     "plot_roi_align_grid": "roi_align_grid",
+    "roi_pool_reference": "roi_align_grid",
     "draw_architecture": "diagrams",
     **{name: "detection" for name in (
         "overlay_masks", "draw_boxes", "show_feature_maps", "show_image", "show_mask_grid",

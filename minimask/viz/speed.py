@@ -1,5 +1,5 @@
-"""Pictures for the "making it fast" chapter: the tiled GEMM plan and the
-benchmark table.
+"""Pictures for the "making it fast" chapter: the tiled GEMM plan, the
+benchmark table, and how a scatter-add races.
 
 ``draw_gemm_plan`` reads its numbers from ``minimask.layers.gemm`` (``BM``,
 ``BN``, ``BK``, ``TM``, ``TN``), so the figure always shows the kernel as it
@@ -93,14 +93,21 @@ def draw_gemm_plan(M=512, N=512, K=256, thread=(1, 2)):
 
     # -- middle: one block tile and the strided micro-tile of one thread -------
     ax = axes[1]
-    owner = np.zeros((g.BM, g.BN))
     ty, tx = thread
-    rows = ty + g.ROW_STEP * np.arange(g.TM)
-    cols = tx + g.COL_STEP * np.arange(g.TN)
-    owner[np.ix_(rows, cols)] = 2
-    owner[np.ix_(np.arange(g.TM) * g.ROW_STEP, np.arange(g.TN) * g.COL_STEP)] = 1
-    ax.imshow(owner, cmap=plt.matplotlib.colors.ListedColormap(["white", "C3", "C0"]),
-              vmin=0, vmax=2, interpolation="nearest")
+    # one element is 1/128 of the tile: draw owned elements as markers big
+    # enough to see, and shade the 16 x 16 square the 256 threads cover at
+    # each (i, j) of their micro-tiles
+    ax.add_patch(Rectangle((-0.5, -0.5), g.COL_STEP, g.ROW_STEP, color="0.85", zorder=0))
+    ax.text(g.COL_STEP + 1, g.ROW_STEP / 2, f"all {n['threads']} threads at (i, j) = (0, 0)",
+            fontsize=7, va="center", color="0.35")
+    for (oy, ox), colour in [((0, 0), "C3"), ((ty, tx), "C0")]:
+        r = oy + g.ROW_STEP * np.arange(g.TM)
+        c = ox + g.COL_STEP * np.arange(g.TN)
+        cc, rr = np.meshgrid(c, r)
+        ax.scatter(cc.ravel(), rr.ravel(), marker="s", s=22, color=colour, zorder=3)
+    ax.set_xlim(-0.5, g.BN - 0.5)
+    ax.set_ylim(g.BM - 0.5, -0.5)
+    ax.set_aspect("equal")
     for t in range(0, g.BM + 1, g.ROW_STEP):
         ax.axhline(t - 0.5, color="0.85", lw=0.5)
     for t in range(0, g.BN + 1, g.COL_STEP):
@@ -186,3 +193,71 @@ def plot_benchmark(record):
                  f"{record.get('date', '')}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def draw_race_timeline(ax=None):
+    """Draw how a scatter-add loses an update: two threads each add 1 to the
+    same element, which holds 5.
+
+    Top: the plain ``a[k] += 1``, three steps per thread (read, add, write)
+    that interleave - both read 5, both write 6, one update is lost. Bottom:
+    the same with an atomic add, where each thread's three steps are one
+    indivisible step and the second thread sees the first one's result: 7.
+    Returns the Axes.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = {"A": "tab:blue", "B": "tab:orange"}
+
+    def lane(y0, steps, memory, title, verdict, ok):
+        ax.text(-0.2, y0 + 1.5, title, fontsize=9, fontweight="bold", va="center")
+        for row, name in enumerate(["thread A", "thread B"]):
+            ax.text(-0.2, y0 + 0.5 - 0.9 * row, name, fontsize=8, va="center", ha="left",
+                    color=colours[name[-1]])
+        for t, (who, text, width) in enumerate(steps):
+            row = 0 if who == "A" else 1
+            x = 1.4 + t * 1.05
+            ax.add_patch(Rectangle((x, y0 + 0.15 - 0.9 * row), 1.0 * width - 0.05, 0.7,
+                                   facecolor=colours[who], alpha=0.25, edgecolor=colours[who]))
+            ax.text(x + (1.0 * width - 0.05) / 2, y0 + 0.5 - 0.9 * row, text, fontsize=7.5,
+                    ha="center", va="center")
+        for t, value in enumerate(memory):
+            ax.text(1.9 + t * 1.05, y0 - 1.05, str(value), fontsize=8, ha="center", va="center",
+                    color="0.25")
+        ax.text(-0.2, y0 - 1.05, "a[k] after", fontsize=8, va="center", color="0.25")
+        ax.text(1.4 + len(memory) * 1.05 + 0.1, y0 - 1.05, verdict, fontsize=9, va="center",
+                color="tab:green" if ok else "tab:red", fontweight="bold")
+
+    racy = [("A", "read 5", 1), ("B", "read 5", 1), ("A", "5 + 1", 1), ("B", "5 + 1", 1),
+            ("A", "write 6", 1), ("B", "write 6", 1)]
+    lane(4.2, racy, [5, 5, 5, 5, 6, 6], "a[k] += 1 from two threads at once",
+         "6: one update lost", False)
+    # B's atomic add starts once A's is done: (thread, text, width, start step)
+    ax_steps = [("A", "atomic: read 5, add, write 6", 2.95, 0),
+                ("B", "atomic: read 6, add, write 7", 2.95, 3)]
+    y0 = 0.6
+    ax.text(-0.2, y0 + 1.5, "cuda.atomic.add(a, k, 1): read-add-write as one step",
+            fontsize=9, fontweight="bold", va="center")
+    for row, name in enumerate(["thread A", "thread B"]):
+        ax.text(-0.2, y0 + 0.5 - 0.9 * row, name, fontsize=8, va="center",
+                color=colours[name[-1]])
+    for who, text, width, t in ax_steps:
+        row = 0 if who == "A" else 1
+        x = 1.4 + t * 1.05
+        ax.add_patch(Rectangle((x, y0 + 0.15 - 0.9 * row), width + 0.1, 0.7,
+                               facecolor=colours[who], alpha=0.25, edgecolor=colours[who]))
+        ax.text(x + (width + 0.1) / 2, y0 + 0.5 - 0.9 * row, text, fontsize=7.5, ha="center",
+                va="center")
+    for t, value in enumerate([5, 5, 6, 6, 6, 7]):
+        ax.text(1.9 + t * 1.05, y0 - 1.05, str(value), fontsize=8, ha="center", va="center",
+                color="0.25")
+    ax.text(-0.2, y0 - 1.05, "a[k] after", fontsize=8, va="center", color="0.25")
+    ax.text(1.4 + 6 * 1.05 + 0.1, y0 - 1.05, "7: both counted", fontsize=9, va="center",
+            color="tab:green", fontweight="bold")
+    ax.annotate("", xy=(1.4 + 6 * 1.05, -1.0), xytext=(1.4, -1.0),
+                arrowprops=dict(arrowstyle="-|>", color="0.5"))
+    ax.text(1.4 + 3 * 1.05, -1.3, "time", fontsize=8, ha="center", color="0.5")
+    ax.set_xlim(-0.3, 10.5)
+    ax.set_ylim(-1.5, 6.0)
+    ax.axis("off")
+    return ax
