@@ -6,7 +6,9 @@ preset (imported-weights setting: stem and layer1 frozen, batch of 1).
 Random weights (the time does not depend on their values). A first call at
 128 px compiles the kernels, so the numbers below are steady-state. The
 machine's load average is printed with them: on a shared machine it says
-how much of the CPU the run had.
+how much of the CPU the run had. The CPU seconds the process used (all its
+threads together) depend far less on the load: on an idle machine with
+``c`` cores the wall time lies between CPU / c and CPU.
 """
 from __future__ import annotations
 
@@ -24,18 +26,19 @@ from minimask.train import clip_gradients
 
 
 def one_step(model, optimizer, params, images, targets):
-    """What one iteration of ``train`` does: loss + backward, clipping, SGD."""
-    t = time.perf_counter()
+    """What one iteration of ``train`` does: loss + backward, clipping, SGD.
+    Returns (wall seconds, CPU seconds of this process, losses)."""
+    t, c = time.perf_counter(), time.process_time()
     losses = model.loss(images, targets)
     clip_gradients(params, 10.0)
     optimizer.step()
-    return time.perf_counter() - t, losses
+    return time.perf_counter() - t, time.process_time() - c, losses
 
 
 def one_prediction(model, images):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     model.predict(images)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main():
@@ -55,9 +58,10 @@ def main():
         image, target = data[0]
         images, targets = image[None], [target]
         load_before = os.getloadavg()[0]
-        pred = one_prediction(model, images)
-        step, losses = one_step(model, optimizer, params, images, targets)
+        pred, pred_cpu = one_prediction(model, images)
+        step, step_cpu, losses = one_step(model, optimizer, params, images, targets)
         row = {"size": size, "train_step_s": round(step, 2), "predict_s": round(pred, 2),
+               "train_step_cpu_s": round(step_cpu, 2), "predict_cpu_s": round(pred_cpu, 2),
                "loss_total": round(float(losses["total"]), 3),
                "load_avg_1min": round(load_before, 2), "warm_up": size == 128}
         results["runs"].append(row)

@@ -387,3 +387,31 @@ def test_finetune_keeps_frozen_stages_bit_for_bit(tmp_path):
     # the checkpoint keeps the freezing and the normalisation
     _, meta = load_npz(tmp_path / "run" / "checkpoint.npz")
     assert meta["config"]["trainable_stages"] == 3 and meta["config"]["backbone"] == "frozenbn"
+
+
+def test_train_command_from_imported_weights(tmp_path):
+    """``train --weights W --trainable-stages 2``: the run starts from the
+    imported tensors, keeps stem..layer2 frozen and records it."""
+    from minimask.__main__ import main
+    from minimask.nn import save_npz
+
+    model, _ = golden_model(num_classes=4, dtype="float32", anchor_sizes=(8, 16, 32, 64, 128),
+                            canonical_size=32, trainable_stages=3)
+    weights = tmp_path / "imported.npz"
+    save_npz(weights, model.state_dict(), {"config": model.config.to_dict(), "image_size": 64})
+    out = tmp_path / "run"
+    code = main(["train", "--weights", str(weights), "--trainable-stages", "2", "--iters", "2",
+                 "--batch-size", "1", "--workers", "1", "--num-images", "2", "--image-size", "64",
+                 "--eval-images", "0", "--lr", "0.01", "--out", str(out), "--no-progress"])
+    assert code == 0
+    arrays, meta = load_npz(out / "checkpoint.npz")
+    assert meta["config"]["trainable_stages"] == 2
+    start = model.state_dict()
+    for name in ("backbone.conv1.weight", "backbone.layer2.0.conv2.weight",
+                 "backbone.layer4.0.bn1.running_var"):
+        np.testing.assert_array_equal(arrays[name], start[name])
+    assert not np.array_equal(arrays["backbone.layer3.0.conv2.weight"],
+                              start["backbone.layer3.0.conv2.weight"])
+    # --trainable-stages without --weights, and on a GroupNorm model, are refused
+    assert main(["train", "--trainable-stages", "2", "--iters", "1", "--out",
+                 str(tmp_path / "x")]) == 2
