@@ -415,3 +415,32 @@ def test_train_command_from_imported_weights(tmp_path):
     # --trainable-stages without --weights, and on a GroupNorm model, are refused
     assert main(["train", "--trainable-stages", "2", "--iters", "1", "--out",
                  str(tmp_path / "x")]) == 2
+
+
+def test_timm_deep_stem_is_refused_by_name():
+    """timm's resnet*d variants have a 3-conv stem (conv1.0, conv1.1, ...):
+    the error names the tensor and says why."""
+    tensors = read_checkpoint(GOLDEN / "resnet_basic_narrow.safetensors")
+    tensors = {("conv1.0.weight" if k == "conv1.weight" else k): v for k, v in tensors.items()}
+    model = RetinaMask(narrow_config("resnet_basic_narrow"))
+    with pytest.raises(ValueError, match=r"'conv1.0.weight' .* deep-stem ResNet"):
+        import_state(model, tensors, "resnet")
+
+
+def test_fpn_with_p6_from_c5_gradient(rng):
+    """``p6_input="c5"`` (torchvision's LastLevelP6P7 when its input width
+    differs from the FPN's): P6 reads C5, and the backward sends P6's
+    gradient to C5 - checked against centred differences."""
+    from minimask.model.fpn import FPN
+    fpn = FPN((3, 4, 5), 2, rng=rng, dtype=np.float64, p6_input="c5")
+    assert fpn.p6.weight.shape == (2, 5, 3, 3)
+    C = [rng.standard_normal((1, 3, 8, 6)), rng.standard_normal((1, 4, 4, 3)),
+         rng.standard_normal((1, 5, 2, 2))]
+    P, cache = fpn.forward(C)
+    dP = [rng.standard_normal(p.shape) for p in P]
+    dC = fpn.backward(dP, cache)
+    d_flat = np.concatenate([d.ravel() for d in dP])
+    for i in range(3):
+        numeric = numerical_gradient(
+            lambda: np.concatenate([p.ravel() for p in fpn.forward(C)[0]]), C[i], d_flat)
+        assert rel_error(dC[i], numeric) < 1e-6, i
