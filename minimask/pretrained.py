@@ -211,7 +211,7 @@ def import_state(model, tensors: dict, kind: str, source: str = "the checkpoint"
     file lacks."""
     own = dict(model.named_parameters())
     A, K = model.config.num_anchors, model.config.num_classes
-    imported, skipped = [], []
+    to_copy, skipped, new_class_head = {}, [], False
     what = f"preset {model.config.preset_name!r}"
     for name, value in tensors.items():
         if any(name.endswith(s) for s in IGNORED_SUFFIXES):
@@ -223,7 +223,8 @@ def import_state(model, tensors: dict, kind: str, source: str = "the checkpoint"
         if target not in own:
             hint = ""
             if re.match(r"^(module\.)?conv1\.\d", name):
-                hint = " (a deep-stem ResNet such as timm's resnet50d; only the plain 7x7 stem is supported)"
+                hint = (" (a deep-stem ResNet such as timm's resnet50d; only the plain 7x7 "
+                        "stem is supported)")
             elif kind == "resnet" and name.startswith(("backbone.", "head.")):
                 hint = " (a detection checkpoint other than torchvision's RetinaNet?)"
             raise ValueError(f"{source}: tensor {name!r} {tuple(value.shape)} has no place in "
@@ -233,28 +234,25 @@ def import_state(model, tensors: dict, kind: str, source: str = "the checkpoint"
                 # a class head for another number of classes: keep ours, say so
                 skipped.append(f"{name} ({value.shape[0] // A} classes; this model has {K}: "
                                f"left at its initial value)")
+                new_class_head = True
                 continue
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, "
                              f"{what} expects {tuple(own[target].value.shape)} for {target!r}")
         if not np.all(np.isfinite(value)):
             raise ValueError(f"{source}: tensor {name!r} contains NaN or infinity")
-        imported.append(target)
+        to_copy[target] = value
     need = [n for n in own if n.startswith("backbone.")]
     if kind == "retinanet":
-        need += [n for n in own if n.startswith(("fpn.", "cls_head.", "box_head."))]
-    have = set(imported) | {n for n in own if n.startswith("cls_head.predict.")
-                            and any(s.startswith(("head.classification_head.cls_logits",))
-                                    for s in skipped)}
-    missing = [n for n in need if n not in have]
+        need += [n for n in own if n.startswith(("fpn.", "cls_head.", "box_head."))
+                 and not (new_class_head and n.startswith("cls_head.predict."))]
+    missing = [n for n in need if n not in to_copy]
     if missing:
         raise ValueError(f"{source} lacks {len(missing)} tensor(s) that {what} needs, the first "
                          f"{missing[0]!r}; is it a {_describe(model.config)}?")
-    for name, value in tensors.items():
-        target = minimask_name(name, kind) if not any(name.endswith(s) for s in IGNORED_SUFFIXES) else None
-        if target in imported:
-            own[target].value[...] = value.astype(own[target].value.dtype)
-    initialised = [n for n in own if n not in set(imported)]
-    return {"imported": imported, "skipped": skipped, "initialised": initialised}
+    for target, value in to_copy.items():       # only once everything has been checked
+        own[target].value[...] = value.astype(own[target].value.dtype)
+    return {"imported": list(to_copy), "skipped": skipped,
+            "initialised": [n for n in own if n not in to_copy]}
 
 
 def _describe(c: Config) -> str:
