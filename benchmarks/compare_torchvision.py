@@ -3,7 +3,7 @@
 Needs torch and torchvision (no download: every model starts from random
 weights). Two jobs:
 
-    # compare a full-size ResNet-50 and a retinanet_resnet50_fpn (random
+    # compare a full-size ResNet-50, retinanet_resnet50_fpn and _v2 (random
     # weights) with minimask: backbone C3-C5, FPN P3-P7, head outputs,
     # anchors and decoded boxes, relative error < 1e-6
     python benchmarks/compare_torchvision.py
@@ -250,6 +250,18 @@ def compare_full(size=(128, 160)) -> None:
         print(f"  imported {len(report['imported'])} tensors; new: "
               f"{len(report['initialised'])} (the mask head)")
         ref = torchvision_outputs(rn, x)
+        worst = max(worst, compare(ref, minimask_outputs(model, x)))
+
+        print(f"retinanet_resnet50_fpn_v2 (random weights, 91 classes), image {size}:")
+        rn2 = torchvision.models.detection.retinanet_resnet50_fpn_v2(weights=None,
+                                                                     weights_backbone=None)
+        randomise(rn2, seed=5)
+        path = os.path.join(tmp, "retinanet_v2.safetensors")
+        save_file(state_of(rn2), path)
+        model, report = import_weights(path, "resnet50-frozenbn", 91, dtype="float64")
+        print(f"  imported {len(report['imported'])} tensors ({report['kind']}); zero biases: "
+              f"{len(report['zero_bias'])}; new: {len(report['initialised'])} (the mask head)")
+        ref = torchvision_outputs(rn2, x)
         worst = max(worst, compare(ref, minimask_outputs(model, x)))
     print(f"worst relative error {worst:.2e}: {'PASS' if worst < 1e-6 else 'FAIL'}")
     if worst >= 1e-6:

@@ -448,7 +448,8 @@ def cmd_import_weights(args) -> int:
 
     _, report = import_weights(args.file, args.preset, args.num_classes, out=args.out,
                                seed=args.seed, image_size=args.image_size)
-    kind = "torchvision RetinaNet" if report["kind"] == "retinanet" else "ResNet"
+    kind = {"retinanet": "torchvision RetinaNet", "retinanet_v2": "torchvision RetinaNet v2"
+            }.get(report["kind"], "ResNet")
     print(f"{args.file}: {kind}, {len(report['imported'])} tensors imported into "
           f"{args.preset} ({args.num_classes} classes)")
     for line in report["skipped"]:

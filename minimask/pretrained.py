@@ -17,7 +17,11 @@ What it reads
       with channel ``a*K + k`` - the order ``flatten_head_output`` reads -
       so the tensors carry over unchanged. The config written with it takes
       torchvision's anchor and box-coder conventions
-      (``minimask.model.config.TORCHVISION_RETINANET``).
+      (``minimask.model.config.TORCHVISION_RETINANET``);
+    * a torchvision ``retinanet_resnet50_fpn_v2``: the same, with GroupNorm
+      after each head conv (``head_norm``; those convs have no bias in the
+      file, and a conv followed by a norm is exact with a zero bias) and P6
+      computed from C5 (``p6_input="c5"``).
 
     from ``.safetensors`` with the ``safetensors`` package (NumPy only, no
     torch), from ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``
@@ -28,8 +32,9 @@ What it checks
     preset's model with the same shape; the first that has not is named in
     the error. Every tensor the preset's backbone (and, for a RetinaNet,
     FPN and heads) needs must be in the file. A class head for another
-    number of classes is the one exception: it is left at its usual
-    initialisation and the report says so (fine-tuning on a new dataset).
+    number of classes is left at its usual initialisation and the report
+    says so (fine-tuning on a new dataset); v2's missing head-conv biases
+    are set to zero.
 
 What it writes
     A complete checkpoint of the preset - imported tensors set, the rest
@@ -136,10 +141,14 @@ def _np_dtype(t):
 
 
 def checkpoint_kind(names) -> str:
-    """``"retinanet"`` for a torchvision RetinaNet, ``"resnet"`` for a
-    classification ResNet (torchvision or timm)."""
+    """``"retinanet"`` for a torchvision ``retinanet_resnet50_fpn``,
+    ``"retinanet_v2"`` for ``retinanet_resnet50_fpn_v2`` (GroupNorm in the
+    heads, P6 from C5), ``"resnet"`` for a classification ResNet
+    (torchvision or timm)."""
     names = [_strip_wrapper(n) for n in names]
     if any(n.startswith("head.classification_head.") for n in names):
+        if any(_HEAD_NORM.match(n) for n in names):
+            return "retinanet_v2"
         return "retinanet"
     return "resnet"
 
@@ -150,6 +159,7 @@ def _strip_wrapper(name: str) -> str:
 
 
 _HEAD_CONV = re.compile(r"^head\.(classification|regression)_head\.conv\.(\d+)\.(?:(0)\.)?(weight|bias)$")
+_HEAD_NORM = re.compile(r"^head\.(classification|regression)_head\.conv\.(\d+)\.1\.(weight|bias)$")
 _FPN_BLOCK = re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d)\.(?:0\.)?(weight|bias)$")
 
 
@@ -178,7 +188,14 @@ def minimask_name(name: str, kind: str) -> str | None:
         # new torchvision: conv.k.0 (Conv2dNormActivation); old: conv.(2k) in a conv/ReLU Sequential
         k = int(index) if new_layout is not None else int(index) // 2
         prefix = "cls_head" if head == "classification" else "box_head"
-        return f"{prefix}.tower.layers.{2 * k}.{what}"
+        # minimask's tower: [conv, ReLU] per step, or [conv, GroupNorm, ReLU] with head_norm (v2)
+        step = 3 if kind == "retinanet_v2" else 2
+        return f"{prefix}.tower.layers.{step * k}.{what}"
+    m = _HEAD_NORM.match(name)
+    if m and kind == "retinanet_v2":
+        head, index, what = m.groups()
+        prefix = "cls_head" if head == "classification" else "box_head"
+        return f"{prefix}.tower.layers.{3 * int(index) + 1}.{what}"
     if name.startswith("head.classification_head.cls_logits."):
         return "cls_head.predict." + name.rsplit(".", 1)[1]
     if name.startswith("head.regression_head.bbox_reg."):
@@ -198,7 +215,9 @@ def config_for(preset: str, num_classes: int, kind: str, seed: int = 0) -> Confi
         frozen = [n for n in Config.preset_names() if n.endswith("-frozenbn")]
         raise ValueError(f"preset {preset!r} has minimask's GroupNorm backbone, which no "
                          f"pretrained ResNet fits; choose one of {frozen}")
-    extra = dict(TORCHVISION_RETINANET) if kind == "retinanet" else {}
+    extra = dict(TORCHVISION_RETINANET) if kind.startswith("retinanet") else {}
+    if kind == "retinanet_v2":      # GroupNorm in the heads, P6 from C5
+        extra.update(head_norm=True, p6_input="c5")
     return Config.preset(preset, num_classes=num_classes, seed=seed, **extra)
 
 
@@ -242,17 +261,26 @@ def import_state(model, tensors: dict, kind: str, source: str = "the checkpoint"
             raise ValueError(f"{source}: tensor {name!r} contains NaN or infinity")
         to_copy[target] = value
     need = [n for n in own if n.startswith("backbone.")]
-    if kind == "retinanet":
+    zero_bias = []
+    if kind.startswith("retinanet"):
         need += [n for n in own if n.startswith(("fpn.", "cls_head.", "box_head."))
                  and not (new_class_head and n.startswith("cls_head.predict."))]
+    if kind == "retinanet_v2":
+        # v2's head convs feed a GroupNorm and carry no bias: ours is set to zero, exactly
+        zero_bias = [n for n in need if re.match(r"^(cls|box)_head\.tower\.layers\.\d+\.bias$", n)
+                     and n not in to_copy and n.replace(".bias", ".weight") in to_copy
+                     and own[n.replace(".bias", ".weight")].value.ndim == 4]
+        need = [n for n in need if n not in zero_bias]
     missing = [n for n in need if n not in to_copy]
     if missing:
         raise ValueError(f"{source} lacks {len(missing)} tensor(s) that {what} needs, the first "
                          f"{missing[0]!r}; is it a {_describe(model.config)}?")
     for target, value in to_copy.items():       # only once everything has been checked
         own[target].value[...] = value.astype(own[target].value.dtype)
-    return {"imported": list(to_copy), "skipped": skipped,
-            "initialised": [n for n in own if n not in to_copy]}
+    for target in zero_bias:
+        own[target].value[...] = 0
+    return {"imported": list(to_copy), "skipped": skipped, "zero_bias": zero_bias,
+            "initialised": [n for n in own if n not in to_copy and n not in zero_bias]}
 
 
 def _describe(c: Config) -> str:

@@ -8,6 +8,7 @@ with torch and torchvision: narrow networks in torchvision's exact naming,
 random weights, their input and torchvision's outputs in float64. No torch
 is needed here."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -444,3 +445,32 @@ def test_fpn_with_p6_from_c5_gradient(rng):
         numeric = numerical_gradient(
             lambda: np.concatenate([p.ravel() for p in fpn.forward(C)[0]]), C[i], d_flat)
         assert rel_error(dC[i], numeric) < 1e-6, i
+
+
+def test_retinanet_v2_naming_is_recognised_and_mapped(rng):
+    """retinanet_resnet50_fpn_v2's layout (checked against torchvision by
+    benchmarks/compare_torchvision.py): head convs without bias followed by
+    GroupNorm at ``conv.k.1``, and P6 reading C5."""
+    tensors = {}
+    for name, value in _golden_tensors().items():
+        m = re.match(r"^(head\.\w+_head\.conv\.\d+)\.0\.bias$", name)
+        if m:       # v2: no conv bias, a GroupNorm after the conv
+            tensors[f"{m.group(1)}.1.weight"] = (1 + rng.random(value.shape)).astype(np.float32)
+            tensors[f"{m.group(1)}.1.bias"] = rng.standard_normal(value.shape).astype(np.float32)
+        elif name == "backbone.fpn.extra_blocks.p6.weight":
+            tensors[name] = rng.standard_normal((8, 128, 3, 3)).astype(np.float32)
+        else:
+            tensors[name] = value
+    assert checkpoint_kind(tensors) == "retinanet_v2"
+    model = RetinaMask(narrow_config(head_norm=True, p6_input="c5"))
+    report = import_state(model, tensors, "retinanet_v2")
+    params = dict(model.named_parameters())
+    np.testing.assert_array_equal(params["cls_head.tower.layers.4.weight"].value,
+                                  tensors["head.classification_head.conv.1.1.weight"])
+    np.testing.assert_array_equal(params["box_head.tower.layers.9.weight"].value,
+                                  tensors["head.regression_head.conv.3.0.weight"])
+    assert len(report["zero_bias"]) == 8
+    assert np.all(params["cls_head.tower.layers.3.bias"].value == 0)
+    np.testing.assert_array_equal(params["fpn.p6.weight"].value,
+                                  tensors["backbone.fpn.extra_blocks.p6.weight"])
+    assert all(n.startswith("mask_head.") for n in report["initialised"])
