@@ -6,6 +6,8 @@
     python -m minimask predict --weights W photo.jpg --out runs/predict
     python -m minimask crop --weights W photo.jpg --out runs/crop
     python -m minimask check                       # gradient checks and backend parity
+    python -m minimask import-weights resnet50.safetensors --preset resnet50-frozenbn \
+        --num-classes 3 --out r50.npz                # a torchvision/timm checkpoint
 
 Every command has ``--help``. Bad input (a missing or corrupt file, weights
 of another configuration, a malformed annotation file, an unknown dataset)
@@ -129,6 +131,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=_non_negative_int, default=50,
                    help="fresh shapes to evaluate on after training; 0 skips it (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    # issue 15: fine-tuning from imported (pretrained) weights
+    p.add_argument("--weights", metavar="W.npz", default=None,
+                   help="start from these weights (e.g. from import-weights) instead of a "
+                        "fresh tiny model; their config (preset, image normalisation) is kept")
+    p.add_argument("--trainable-stages", type=int, choices=range(6), default=None,
+                   metavar="{0..5}",
+                   help="pretrained backbones: train only the last k of stem, layer1..layer4 "
+                        "(torchvision's trainable_layers; default: the weights' own setting, "
+                        "3 for imported ones - stem and layer1 frozen)")
+
+    # -- import-weights (issue 15) ------------------------------------------
+    p = sub.add_parser(
+        "import-weights", help="a torchvision/timm ResNet or RetinaNet checkpoint -> minimask",
+        description="Read a ResNet-18/34/50/101 checkpoint in torchvision's or timm's naming, "
+                    "or a torchvision retinanet_resnet50_fpn, from .safetensors (no torch "
+                    "needed) or .pth (needs torch); check every tensor's name and shape; write "
+                    "a complete minimask checkpoint of the preset (imported tensors set, the "
+                    "rest initialised as usual) that every --weights option accepts.")
+    p.add_argument("file", metavar="FILE", help="the checkpoint (.safetensors, .pth, .npz)")
+    p.add_argument("--preset", required=True, metavar="NAME",
+                   help="resnet18-frozenbn, resnet34-frozenbn, resnet50-frozenbn or "
+                        "resnet101-frozenbn")
+    p.add_argument("--num-classes", type=_positive_int, required=True, metavar="K",
+                   help="classes of the detector (a RetinaNet's class head is imported when "
+                        "it has K classes, else initialised anew)")
+    p.add_argument("--out", required=True, metavar="W.npz", help="the minimask checkpoint")
+    p.add_argument("--image-size", type=_positive_int, default=512,
+                   help="side predict resizes images to with these weights (default: 512)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the tensors that are initialised, not imported (default: 0)")
 
     # -- export-shapes ----------------------------------------------------
     p = sub.add_parser(
@@ -217,7 +249,8 @@ def main(argv=None) -> int:
 
     from minimask.train import NonFiniteLoss
     commands = {"train": cmd_train, "export-shapes": cmd_export_shapes,
-                "evaluate": cmd_evaluate, "predict": cmd_predict, "crop": cmd_crop}
+                "evaluate": cmd_evaluate, "predict": cmd_predict, "crop": cmd_crop,
+                "import-weights": cmd_import_weights}
     try:
         return commands[args.command](args)
     except NonFiniteLoss as e:
@@ -354,10 +387,11 @@ def cmd_train(args) -> int:
     settings = TrainSettings(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, out=str(out), resume=args.resume,
                              progress=not args.no_progress, workers=workers)
+    start = _start_model(args, dataset)
     print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
           f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
           f"{args.backend}, {workers} worker{'s' if workers > 1 else ''}, writing to {out}")
-    model = train(dataset, settings)
+    model = train(dataset, settings, model=start)
     print(f"checkpoint:  {out / 'checkpoint.npz'} (+ checkpoint.json)")
     print(f"metrics:     {out / 'metrics.jsonl'}")
     print(f"loss curves: {out / 'losses.png'}")
@@ -386,6 +420,53 @@ def cmd_train(args) -> int:
     path = save_examples(model, images, out / "examples.png", names)
     print(f"examples:    {path}")
     return 0
+
+
+def _start_model(args, dataset):
+    """train --weights / --trainable-stages: the model to start from, or None."""
+    if args.weights is None:
+        if args.trainable_stages is not None:
+            raise CommandError("--trainable-stages needs --weights (a pretrained backbone "
+                               "from import-weights)")
+        return None
+    if args.resume:
+        raise CommandError("--weights starts a new run; --resume continues the one in --out "
+                           "(give one of them)")
+    model, _, _ = _load_weights(args.weights, num_classes=dataset.num_classes)
+    if args.trainable_stages is not None:
+        from minimask.pretrained import set_trainable_stages
+        set_trainable_stages(model, args.trainable_stages)
+    if model.config.backbone == "frozenbn":
+        print(f"from {args.weights}: backbone {model.config.preset_name}, last "
+              f"{model.config.trainable_stages} of 5 stages trainable, images normalised "
+              f"with mean {model.config.pixel_mean} std {model.config.pixel_std}")
+    return model
+
+
+def cmd_import_weights(args) -> int:
+    from minimask.pretrained import import_weights
+
+    _, report = import_weights(args.file, args.preset, args.num_classes, out=args.out,
+                               seed=args.seed, image_size=args.image_size)
+    kind = {"retinanet": "torchvision RetinaNet", "retinanet_v2": "torchvision RetinaNet v2"
+            }.get(report["kind"], "ResNet")
+    print(f"{args.file}: {kind}, {len(report['imported'])} tensors imported into "
+          f"{args.preset} ({args.num_classes} classes)")
+    for line in report["skipped"]:
+        print(f"  not imported: {line}")
+    print(f"  initialised as usual: {len(report['initialised'])} tensors "
+          f"({_summarise(report['initialised'])})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _summarise(names):
+    tops = []
+    for n in names:
+        top = n.split(".")[0]
+        if top not in tops:
+            tops.append(top)
+    return ", ".join(tops) or "none"
 
 
 def cmd_export_shapes(args) -> int:

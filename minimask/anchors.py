@@ -81,30 +81,53 @@ def anchor_shapes(size: float, ratios=ANCHOR_RATIOS, scales=ANCHOR_SCALES) -> np
     return np.array(shapes, dtype=np.float64)
 
 
-def level_anchors(height: int, width: int, stride: int, size: float,
-                  ratios=ANCHOR_RATIOS, scales=ANCHOR_SCALES) -> np.ndarray:
+def level_anchors(height: int, width: int, stride, size: float,
+                  ratios=ANCHOR_RATIOS, scales=ANCHOR_SCALES, offset: float = 0.5,
+                  size_floor: bool = False, round_corners: bool = False) -> np.ndarray:
     """All anchors of one feature map, (height * width * A, 4).
 
     Anchor ``a`` of location ``(i, j)`` is row ``(i * width + j) * A + a``
     and is centred at ``((j + 0.5) * stride, (i + 0.5) * stride)`` - the
     order a head's ``(N, A * K, H, W)`` output has once reshaped to
-    ``(N, H * W * A, K)`` (see ``flatten_head_output``).
+    ``(N, H * W * A, K)`` (see ``flatten_head_output``). torchvision's
+    ``AnchorGenerator`` uses the same order.
+
+    The conventions of other code bases, for imported weights:
+    - ``offset``: centres at ``(j + offset) * stride``; torchvision uses 0;
+    - ``stride``: a number, or ``(stride_y, stride_x)`` (torchvision takes
+      ``image side // map side`` per axis);
+    - ``size_floor``: each ``scale * size`` is floored to an integer first
+      (torchvision's RetinaNet sizes 32, 40, 50 for 32 * 2^(0, 1/3, 2/3));
+    - ``round_corners``: the corners ``(-w/2, -h/2, w/2, h/2)`` of the
+      anchor around its centre are rounded to integers (half to even).
     """
-    wh = anchor_shapes(size, ratios, scales)
-    cy = (np.arange(height) + 0.5) * stride
-    cx = (np.arange(width) + 0.5) * stride
+    if size_floor:
+        sizes = [float(np.floor(s * size)) for s in scales]
+        wh = np.concatenate([anchor_shapes(z, ratios, (1.0,)) for z in sizes], 0)
+        # back to ratio-major order: row r * len(scales) + s
+        wh = wh.reshape(len(scales), len(ratios), 2).transpose(1, 0, 2).reshape(-1, 2)
+    else:
+        wh = anchor_shapes(size, ratios, scales)
+    sy, sx = (stride, stride) if np.isscalar(stride) else stride
+    cy = (np.arange(height) + offset) * sy
+    cx = (np.arange(width) + offset) * sx
     cy, cx = np.meshgrid(cy, cx, indexing="ij")
     centres = np.stack([cx, cy], -1).reshape(-1, 1, 2)          # (HW, 1, 2)
     half = wh.reshape(1, -1, 2) / 2                              # (1, A, 2)
-    return np.concatenate([centres - half, centres + half], -1).reshape(-1, 4)
+    low, high = -half, half
+    if round_corners:
+        low, high = np.round(low), np.round(high)
+    return np.concatenate([centres + low, centres + high], -1).reshape(-1, 4)
 
 
 def generate_anchors(feature_shapes, strides, sizes, ratios=ANCHOR_RATIOS,
-                     scales=ANCHOR_SCALES) -> list[np.ndarray]:
+                     scales=ANCHOR_SCALES, offset: float = 0.5, size_floor: bool = False,
+                     round_corners: bool = False) -> list[np.ndarray]:
     """Anchors of each level: ``feature_shapes`` are the (H, W) of P3..P7,
-    with one stride and one anchor size per level. Raises ``ValueError``
-    when the three lists differ in length (``zip`` would silently drop the
-    extra levels)."""
+    with one stride and one anchor size per level. ``offset``,
+    ``size_floor``, ``round_corners``: see ``level_anchors``. Raises
+    ``ValueError`` when the three lists differ in length (``zip`` would
+    silently drop the extra levels)."""
     feature_shapes, strides, sizes = list(feature_shapes), list(strides), list(sizes)
     if not len(feature_shapes) == len(strides) == len(sizes):
         raise ValueError(f"feature_shapes, strides and sizes need one entry per level; got "
@@ -113,7 +136,7 @@ def generate_anchors(feature_shapes, strides, sizes, ratios=ANCHOR_RATIOS,
     for k, shape in enumerate(feature_shapes):
         if len(shape) != 2:
             raise ValueError(f"feature_shapes[{k}] must be (H, W), got {shape!r}")
-    return [level_anchors(h, w, s, size, ratios, scales)
+    return [level_anchors(h, w, s, size, ratios, scales, offset, size_floor, round_corners)
             for (h, w), s, size in zip(feature_shapes, strides, sizes)]
 
 

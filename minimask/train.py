@@ -199,7 +199,11 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 
 def train(dataset, settings: TrainSettings, config: Config | None = None,
-          log=print) -> RetinaMask:
+          log=print, model: RetinaMask | None = None) -> RetinaMask:
+    """``model``: start from this model (e.g. imported pretrained weights)
+    instead of a fresh ``RetinaMask(config)``. Frozen parameters (frozen
+    batch norm, the stages ``trainable_stages`` leaves out) are not given to
+    the optimiser, so they keep their values bit for bit."""
     s = settings.validated()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,7 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     if s.resume:
         ckpt = out / "checkpoint.npz"
         model, meta = load_model(ckpt, num_classes=dataset.num_classes)
-        optimizer = SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+        optimizer = SGD(_trainable(model), lr=s.lr, momentum=s.momentum,
                         weight_decay=s.weight_decay)
         optimizer.load_state_dict(meta["_optimizer"])
         start = int(meta["step"])
@@ -227,17 +231,20 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
                     if l.strip() and json.loads(l)["step"] <= start]
             metrics_path.write_text("".join(k + "\n" for k in kept))
     else:
+        if model is not None:
+            config = model.config
         if config is None:
             config = Config.preset("tiny", num_classes=dataset.num_classes, seed=s.seed)
         if config.num_classes != dataset.num_classes:
             raise ValueError(f"the model config has {config.num_classes} classes, the dataset "
                              f"has {dataset.num_classes}")
-        model = RetinaMask(config)
-        optimizer = SGD(model.parameters(), lr=s.lr, momentum=s.momentum,
+        if model is None:
+            model = RetinaMask(config)
+        optimizer = SGD(_trainable(model), lr=s.lr, momentum=s.momentum,
                         weight_decay=s.weight_decay)
         metrics_path.write_text("")
         running = {}
-    params = model.parameters()
+    params = _trainable(model)
     # what predict needs to prepare images like the training ones
     about = {"image_size": int(dataset_image_size(dataset)),
              "class_names": list(getattr(dataset, "class_names", []))}
@@ -297,6 +304,11 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
         if metrics_path.exists() and metrics_path.stat().st_size:
             plot_losses(metrics_path, out / "losses.png")
     return model
+
+
+def _trainable(model):
+    """The parameters the optimiser updates: all but the frozen ones."""
+    return [p for p in model.parameters() if not getattr(p, "frozen", False)]
 
 
 def _fmt(losses):

@@ -14,6 +14,7 @@ module                        functions
 ``conv``                      conv2d, conv_transpose2d (im2col + GEMM)
 ``gemm``                      the tiled CUDA GEMM the convolutions use
 ``group_norm``                group_norm
+``frozen_bn``                 frozen_bn (batch norm with fixed statistics)
 ``pooling``                   max_pool2d
 ``upsample``                  upsample_nearest2d
 ``roi_align``                 roi_align (avg and max)
@@ -32,6 +33,7 @@ for _module, _layers in {
     "activations": ["relu", "sigmoid"],
     "conv": ["conv2d", "conv_transpose2d"],
     "group_norm": ["group_norm"],
+    "frozen_bn": ["frozen_bn"],
     "pooling": ["max_pool2d"],
     "upsample": ["upsample_nearest2d"],
     "roi_align": ["roi_align"],

@@ -32,6 +32,33 @@ PRESETS = {
                      mask_convs=4),
 }
 
+# --- issue 15: torchvision-layout ResNets with frozen batch norm, for
+# pretrained (ImageNet or COCO RetinaNet) weights. Images are normalised as
+# torchvision's ImageNet weights expect: RGB in [0, 1], minus the mean,
+# divided by the standard deviation. trainable_stages=3: stem and layer1
+# frozen, as torchvision's default trainable_layers for detection.
+_IMAGENET = dict(pixel_mean=(0.485, 0.456, 0.406), pixel_std=(0.229, 0.224, 0.225))
+_TV_HEADS = dict(fpn_channels=256, head_convs=4, mask_convs=4, backbone="frozenbn",
+                 stem_channels=64, stem_kernel=7, trainable_stages=3, **_IMAGENET)
+PRESETS.update({
+    "resnet18-frozenbn": dict(block="basic", blocks=(2, 2, 2, 2), widths=(64, 128, 256, 512),
+                              **_TV_HEADS),
+    "resnet34-frozenbn": dict(block="basic", blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512),
+                              **_TV_HEADS),
+    "resnet50-frozenbn": dict(block="bottleneck", blocks=(3, 4, 6, 3),
+                              widths=(256, 512, 1024, 2048), **_TV_HEADS),
+    "resnet101-frozenbn": dict(block="bottleneck", blocks=(3, 4, 23, 3),
+                               widths=(256, 512, 1024, 2048), **_TV_HEADS),
+})
+
+# What an imported torchvision RetinaNet (retinanet_resnet50_fpn) was
+# trained with; minimask.pretrained writes these into the config of the
+# checkpoint it makes.
+TORCHVISION_RETINANET = dict(
+    anchor_sizes=(32, 64, 128, 256, 512), anchor_offset=0.0, anchor_size_floor=True,
+    anchor_round=True, anchor_stride_from_image=True, box_weights=(1.0, 1.0, 1.0, 1.0),
+    p6_input="p5", head_norm=False, detections_per_image=300)
+
 
 @dataclass
 class Config:
@@ -85,6 +112,25 @@ class Config:
     max_mask_rois: int = 64            # per image, during training
     mask_threshold: float = 0.5
 
+    # --- issue 15: pretrained backbones and imported RetinaNets --------
+    # backbone: "gn" (minimask's GroupNorm ResNet) or "frozenbn"
+    # (torchvision's layout and names, frozen batch norm, minimask.model.frozen_resnet)
+    backbone: str = "gn"
+    frozen_bn_eps: float = 1e-5
+    trainable_stages: int = 5          # "frozenbn": the last k of stem, layer1..4 train
+    # images: (x - mean) / std per channel, after the channel order is set;
+    # the identity by default (minimask's own models see [0, 1] RGB)
+    pixel_mean: tuple = (0.0, 0.0, 0.0)
+    pixel_std: tuple = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"         # "BGR" for weights trained on BGR (caffe-style)
+    # anchor conventions; the defaults are minimask's, TORCHVISION_RETINANET torchvision's
+    anchor_offset: float = 0.5         # centres at (i + offset) * stride; torchvision 0
+    anchor_size_floor: bool = False    # scale * size floored to an integer (torchvision)
+    anchor_round: bool = False         # anchor corners rounded to integers (torchvision)
+    anchor_stride_from_image: bool = False   # stride = image side // map side (torchvision)
+    box_weights: tuple = (1.0, 1.0, 1.0, 1.0)   # box coder weights (wx, wy, ww, wh)
+    p6_input: str = "p5"               # P6 from the smoothed P5, or "c5" (torchvision v2)
+
     @staticmethod
     def preset_names():
         return sorted(PRESETS)
@@ -112,7 +158,30 @@ class Config:
             raise ValueError(f"mask_channels must be a positive width or None, got {self.mask_channels}")
         if not 3 <= self.roi_min_level <= self.roi_max_level <= 7:
             raise ValueError("mask RoI levels must lie within P3..P7")
+        self._validate_pretrained_fields()
         return self
+
+    def _validate_pretrained_fields(self) -> None:
+        """Checks of the issue-15 fields (kept apart from the others)."""
+        if self.backbone not in ("gn", "frozenbn"):
+            raise ValueError(f"backbone must be 'gn' or 'frozenbn', got {self.backbone!r}")
+        if isinstance(self.trainable_stages, bool) or not isinstance(self.trainable_stages, int) \
+                or not 0 <= self.trainable_stages <= 5:
+            raise ValueError(f"trainable_stages must be an integer in 0..5, got "
+                             f"{self.trainable_stages!r}")
+        if self.backbone == "frozenbn" and self.stem_kernel != 7:
+            raise ValueError("the 'frozenbn' backbone has torchvision's 7x7 stem; stem_kernel "
+                             f"must be 7, got {self.stem_kernel}")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+            raise ValueError("pixel_mean and pixel_std must give three values (one per channel)")
+        if not all(s > 0 for s in self.pixel_std):
+            raise ValueError(f"pixel_std must be positive, got {self.pixel_std}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+        if len(self.box_weights) != 4 or not all(w > 0 for w in self.box_weights):
+            raise ValueError(f"box_weights must be four positive numbers, got {self.box_weights}")
+        if self.p6_input not in ("p5", "c5"):
+            raise ValueError(f"p6_input must be 'p5' or 'c5', got {self.p6_input!r}")
 
     @property
     def num_anchors(self) -> int:

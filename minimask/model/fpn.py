@@ -40,8 +40,13 @@ def _up_to_backward(dout, cache):
 
 
 class FPN(Module):
-    def __init__(self, in_channels, channels, *, rng, dtype=np.float32):
+    def __init__(self, in_channels, channels, *, rng, dtype=np.float32, p6_input="p5"):
         c3, c4, c5 = in_channels
+        if p6_input not in ("p5", "c5"):
+            raise ValueError(f"p6_input must be 'p5' or 'c5', got {p6_input!r}")
+        # torchvision's LastLevelP6P7 reads P5 when its input width equals
+        # the FPN's, C5 otherwise (retinanet_resnet50_fpn_v2)
+        self.p6_input = p6_input
         kw = dict(rng=rng, dtype=dtype)
         self.lateral3 = Conv2d(c3, channels, 1, **kw)
         self.lateral4 = Conv2d(c4, channels, 1, **kw)
@@ -49,7 +54,7 @@ class FPN(Module):
         self.smooth3 = Conv2d(channels, channels, 3, 1, 1, **kw)
         self.smooth4 = Conv2d(channels, channels, 3, 1, 1, **kw)
         self.smooth5 = Conv2d(channels, channels, 3, 1, 1, **kw)
-        self.p6 = Conv2d(channels, channels, 3, 2, 1, **kw)
+        self.p6 = Conv2d(c5 if p6_input == "c5" else channels, channels, 3, 2, 1, **kw)
         self.p7 = Conv2d(channels, channels, 3, 2, 1, **kw)
         self.channels = channels
 
@@ -66,7 +71,7 @@ class FPN(Module):
         P3, cs3 = self.smooth3.forward(t3)
         P4, cs4 = self.smooth4.forward(t4)
         P5, cs5 = self.smooth5.forward(l5)
-        P6, c6 = self.p6.forward(P5)
+        P6, c6 = self.p6.forward(C5 if self.p6_input == "c5" else P5)
         r6, cr6 = relu_forward(P6)
         P7, c7 = self.p7.forward(r6)
         return [P3, P4, P5, P6, P7], (cl3, cl4, cl5, cu4, cu5, cs3, cs4, cs5, c6, cr6, c7)
@@ -76,7 +81,9 @@ class FPN(Module):
         cl3, cl4, cl5, cu4, cu5, cs3, cs4, cs5, c6, cr6, c7 = cache
         dP3, dP4, dP5, dP6, dP7 = dP
         dP6 = dP6 + relu_backward(self.p7.backward(dP7, c7), cr6)
-        dP5 = dP5 + self.p6.backward(dP6, c6)
+        dP6_in = self.p6.backward(dP6, c6)
+        if self.p6_input == "p5":
+            dP5 = dP5 + dP6_in
         dl5 = self.smooth5.backward(dP5, cs5)
         dt4 = self.smooth4.backward(dP4, cs4)
         dt3 = self.smooth3.backward(dP3, cs3)
@@ -85,4 +92,6 @@ class FPN(Module):
         dC3 = self.lateral3.backward(dt3, cl3)
         dC4 = self.lateral4.backward(dt4, cl4)
         dC5 = self.lateral5.backward(dl5, cl5)
+        if self.p6_input == "c5":
+            dC5 = dC5 + dP6_in
         return [dC3, dC4, dC5]

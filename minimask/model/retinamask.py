@@ -43,10 +43,18 @@ class RetinaMask(Module):
         dtype = np.dtype(config.dtype)
         self.dtype = dtype
         C = config.fpn_channels
-        self.backbone = ResNet(stem_channels=config.stem_channels, stem_kernel=config.stem_kernel,
-                               blocks=config.blocks, widths=config.widths, block=config.block,
-                               rng=rng, dtype=dtype)
-        self.fpn = FPN(self.backbone.out_channels, C, rng=rng, dtype=dtype)
+        if config.backbone == "frozenbn":    # torchvision's layout, for pretrained weights
+            from minimask.model.frozen_resnet import TorchvisionResNet
+            self.backbone = TorchvisionResNet(
+                stem_channels=config.stem_channels, blocks=config.blocks, widths=config.widths,
+                block=config.block, rng=rng, dtype=dtype, eps=config.frozen_bn_eps,
+                trainable_stages=config.trainable_stages)
+        else:
+            self.backbone = ResNet(stem_channels=config.stem_channels,
+                                   stem_kernel=config.stem_kernel, blocks=config.blocks,
+                                   widths=config.widths, block=config.block, rng=rng, dtype=dtype)
+        self.fpn = FPN(self.backbone.out_channels, C, rng=rng, dtype=dtype,
+                       p6_input=config.p6_input)
         self.cls_head = DenseHead(C, config.head_convs, config.num_anchors, config.num_classes,
                                   rng=rng, dtype=dtype, norm=config.head_norm,
                                   bias_value=class_prior_bias(config.class_prior))
@@ -119,15 +127,36 @@ class RetinaMask(Module):
     # the shared forward pieces
     # ------------------------------------------------------------------
 
-    def _anchors(self, P):
+    def _anchors(self, P, image_hw=None):
         shapes = tuple(tuple(p.shape[2:]) for p in P)
-        if shapes not in self._anchor_cache:
-            c = self.config
-            self._anchor_cache[shapes] = generate_anchors(shapes, c.strides, c.anchor_sizes,
-                                                          c.anchor_ratios, c.anchor_scales)
-        return self._anchor_cache[shapes]
+        c = self.config
+        strides = c.strides
+        if c.anchor_stride_from_image and image_hw is not None:   # torchvision's convention
+            strides = [(image_hw[0] // h, image_hw[1] // w) for h, w in shapes]
+        key = (shapes, tuple(map(tuple, np.reshape(strides, (len(shapes), -1)))))
+        if key not in self._anchor_cache:
+            self._anchor_cache[key] = generate_anchors(
+                shapes, strides, c.anchor_sizes, c.anchor_ratios, c.anchor_scales,
+                offset=c.anchor_offset, size_floor=c.anchor_size_floor,
+                round_corners=c.anchor_round)
+        return self._anchor_cache[key]
+
+    def normalize_images(self, images):
+        """Images as the weights expect them: channel order, then
+        ``(x - pixel_mean) / pixel_std`` per channel (the identity for
+        minimask's own presets)."""
+        c = self.config
+        if c.channel_order == "BGR":
+            images = images[:, ::-1]
+        if c.pixel_mean == (0.0, 0.0, 0.0) and c.pixel_std == (1.0, 1.0, 1.0) \
+                and c.channel_order == "RGB":
+            return images
+        mean = np.asarray(c.pixel_mean, dtype=images.dtype).reshape(1, 3, 1, 1)
+        std = np.asarray(c.pixel_std, dtype=images.dtype).reshape(1, 3, 1, 1)
+        return np.ascontiguousarray((images - mean) / std, dtype=images.dtype)
 
     def _forward_dense(self, images):
+        images = self.normalize_images(images)
         C, backbone_cache = self.backbone.forward(images)
         P, fpn_cache = self.fpn.forward(C)
         cls_maps, cls_cache = self.cls_head.forward(P)
@@ -174,7 +203,8 @@ class RetinaMask(Module):
             if len(keep) == 0:
                 continue
             anchor_idx, label = keep // K, keep % K
-            boxes_all.append(decode_boxes(dl[anchor_idx].astype(np.float64), anchors[anchor_idx]))
+            boxes_all.append(decode_boxes(dl[anchor_idx].astype(np.float64), anchors[anchor_idx],
+                                          c.box_weights))
             scores_all.append(sigmoid_numpy(lg[keep].astype(np.float64)))
             labels_all.append(label)
         if not boxes_all:
@@ -250,7 +280,7 @@ class RetinaMask(Module):
         self.zero_grad()
 
         P, logits, deltas, dense_cache = self._forward_dense(images)
-        anchors_per_level = self._anchors(P)
+        anchors_per_level = self._anchors(P, (H, W))
         anchors = np.concatenate(anchors_per_level)
 
         # --- targets for the dense heads ---
@@ -266,7 +296,8 @@ class RetinaMask(Module):
             cls_targets[n, pos, t["labels"][matches[pos]]] = 1
             weights[n, matches == IGNORED] = 0
             if pos.any():
-                box_targets[n, pos] = encode_boxes(t["boxes"][matches[pos]], anchors[pos])
+                box_targets[n, pos] = encode_boxes(t["boxes"][matches[pos]], anchors[pos],
+                                                    c.box_weights)
         num_pos = max(1, int(positive.sum()))
 
         # --- L_cls: focal loss, summed, divided by the number of positives ---
@@ -324,7 +355,7 @@ class RetinaMask(Module):
         images = self._check_images(images)
         N, _, H, W = images.shape
         P, logits, deltas, _ = self._forward_dense(images)
-        anchors_per_level = self._anchors(P)
+        anchors_per_level = self._anchors(P, (H, W))
         results = []
         for n in range(N):
             boxes, scores, labels = self._detect_one(logits[n], deltas[n], anchors_per_level, H, W)

@@ -1,0 +1,209 @@
+r"""Frozen batch normalisation: batch norm at inference, as a fixed affine map.
+
+A ResNet pretrained on ImageNet carries, for every batch-norm layer, a
+learned scale and shift (gamma, beta) and the running mean and variance
+(mu, sigma^2) of its input over the training set. Detection fine-tunes with
+one or two large images per batch - far too few to estimate fresh batch
+statistics - so every detector that starts from such a network (torchvision's
+``FrozenBatchNorm2d``, detectron2's ``FrozenBatchNorm2d``) keeps the four
+arrays fixed and uses batch norm's inference formula during training too.
+
+Forward
+    Per channel c, with eps = 1e-5 as torchvision:
+
+        scale_c = gamma_c / sqrt(sigma^2_c + eps)
+        shift_c = beta_c - mu_c * scale_c
+        out[n, c, i, j] = x[n, c, i, j] * scale_c + shift_c
+
+    As LaTeX: :math:`y_{ncij} = \gamma_c \frac{x_{ncij} - \mu_c}{\sqrt{\sigma_c^2 + \epsilon}} + \beta_c
+    = s_c x_{ncij} + t_c`.
+
+    Compare GroupNorm: there mean and variance are computed from x itself
+    (per sample and group), so they depend on x and the backward has three
+    terms. Here they are constants.
+
+Backward (to the input only)
+    The map is affine in x with constant coefficients, so
+
+        dx[n, c, i, j] = dout[n, c, i, j] * scale_c
+
+    and nothing flows to gamma, beta, mu or sigma^2: they are buffers, not
+    parameters. Folding the four arrays into (scale, shift) once per call is
+    what makes the layer as cheap as a per-channel multiply-add.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from minimask import _cuda
+from minimask._checks import check_float_array
+from minimask._cuda import cuda
+from minimask.backend import get_backend
+
+# --------------------------------------------------------------------------
+# NumPy reference
+# --------------------------------------------------------------------------
+
+
+def frozen_bn_fold(gamma, beta, running_mean, running_var, eps=1e-5):
+    """``(scale, shift)`` of the folded affine map, each ``(C,)``."""
+    scale = gamma / np.sqrt(running_var + eps)
+    return scale, beta - running_mean * scale
+
+
+def frozen_bn_forward_numpy(x, scale, shift):
+    return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+def frozen_bn_backward_numpy(dout, scale):
+    return dout * scale[None, :, None, None]
+
+
+# --------------------------------------------------------------------------
+# Numba CPU kernels: one prange iteration per (sample, channel) plane
+# --------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _frozen_bn_forward_cpu(x, scale, shift, out):
+    """x, out are (N, C, HW)."""
+    N, C, HW = x.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        s = scale[c]
+        t = shift[c]
+        for k in range(HW):
+            out[n, c, k] = x[n, c, k] * s + t
+
+
+@njit(parallel=True, cache=True)
+def _frozen_bn_backward_cpu(dout, scale, dx):
+    N, C, HW = dout.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p % C
+        s = scale[c]
+        for k in range(HW):
+            dx[n, c, k] = dout[n, c, k] * s
+
+
+# --------------------------------------------------------------------------
+# CUDA kernels: one thread per element
+# --------------------------------------------------------------------------
+
+if cuda is not None:
+    @cuda.jit
+    def _frozen_bn_forward_cuda(x, scale, shift, out):
+        N, C, HW = x.shape
+        t = cuda.grid(1)
+        if t < N * C * HW:
+            n = t // (C * HW)
+            c = (t // HW) % C
+            k = t % HW
+            out[n, c, k] = x[n, c, k] * scale[c] + shift[c]
+
+    @cuda.jit
+    def _frozen_bn_backward_cuda(dout, scale, dx):
+        N, C, HW = dout.shape
+        t = cuda.grid(1)
+        if t < N * C * HW:
+            n = t // (C * HW)
+            c = (t // HW) % C
+            k = t % HW
+            dx[n, c, k] = dout[n, c, k] * scale[c]
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+
+_launch = _cuda.launch_config
+_host = _cuda.to_host
+
+
+def frozen_bn_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """Batch norm with fixed statistics (inference-mode batch norm).
+
+    Inputs:
+    - x: (N, C, H, W), float32 or float64
+    - gamma, beta: (C,) the learned scale and shift
+    - running_mean, running_var: (C,) the statistics saved at pretraining;
+      every variance must be >= 0
+    - eps: added to the variance, 1e-5 as torchvision's FrozenBatchNorm2d
+
+    Returns ``(out, cache)``: ``out`` (N, C, H, W) in the dtype of x,
+    ``out = x * scale + shift`` with ``scale = gamma / sqrt(var + eps)`` and
+    ``shift = beta - mean * scale``, per channel.
+    """
+    x = check_float_array("x", x, ndim=4, what="(N, C, H, W)")
+    N, C, H, W = x.shape
+    arrays = {}
+    for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        a = np.asarray(_host(a))
+        if a.dtype.kind != "f":
+            raise ValueError(f"{name} must be float32 or float64, got dtype {a.dtype}")
+        if a.shape != (C,):
+            raise ValueError(f"{name} must have shape ({C},) (one value per channel of x), "
+                             f"got {a.shape}")
+        arrays[name] = a.astype(np.float64)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if np.any(arrays["running_var"] + eps <= 0):
+        raise ValueError("running_var + eps must be positive in every channel")
+    scale, shift = frozen_bn_fold(arrays["gamma"], arrays["beta"], arrays["running_mean"],
+                                  arrays["running_var"], eps)
+    scale, shift = scale.astype(x.dtype), shift.astype(x.dtype)
+    backend = get_backend()
+    if backend == "numpy":
+        out = frozen_bn_forward_numpy(_host(x), scale, shift)
+    elif backend == "cpu":
+        x3 = np.ascontiguousarray(_host(x)).reshape(N, C, H * W)
+        out = np.empty_like(x3)
+        _frozen_bn_forward_cpu(x3, scale, shift, out)
+        out = out.reshape(N, C, H, W)
+    else:
+        d_x = _cuda.to_device(x).reshape(N, C, H * W)
+        d_out = cuda.device_array(d_x.shape, dtype=d_x.dtype)
+        if d_out.size:
+            _frozen_bn_forward_cuda[_launch(d_out.size)](d_x, cuda.to_device(scale),
+                                                        cuda.to_device(shift), d_out)
+        out = _cuda.to_output(d_out.reshape(N, C, H, W), x)
+    return out, (tuple(x.shape), x.dtype, scale)
+
+
+def frozen_bn_backward(dout, cache):
+    """Gradient of frozen batch norm with respect to its input.
+
+    Inputs:
+    - dout: (N, C, H, W), the shape of the forward output
+    - cache: from ``frozen_bn_forward``
+
+    Returns ``dx`` (N, C, H, W): ``dx = dout * scale`` per channel. The
+    frozen statistics and affine parameters get no gradient.
+    """
+    x_shape, dtype, scale = cache
+    N, C, H, W = x_shape
+    dout = check_float_array("dout", dout)
+    if tuple(dout.shape) != x_shape:
+        raise ValueError(f"dout must have the shape of the forward output {x_shape}, "
+                         f"got {tuple(dout.shape)}")
+    if dout.dtype != dtype:
+        if not isinstance(dout, np.ndarray):
+            raise ValueError(f"dout must have the dtype of x ({dtype}), got {dout.dtype}")
+        dout = dout.astype(dtype)
+    backend = get_backend()
+    if backend == "numpy":
+        return frozen_bn_backward_numpy(_host(dout), scale)
+    if backend == "cpu":
+        d3 = np.ascontiguousarray(_host(dout)).reshape(N, C, H * W)
+        dx = np.empty_like(d3)
+        _frozen_bn_backward_cpu(d3, scale, dx)
+        return dx.reshape(x_shape)
+    d_dout = _cuda.to_device(dout).reshape(N, C, H * W)
+    d_dx = cuda.device_array(d_dout.shape, dtype=dtype)
+    if d_dx.size:
+        _frozen_bn_backward_cuda[_launch(d_dx.size)](d_dout, cuda.to_device(scale), d_dx)
+    return _cuda.to_output(d_dx.reshape(x_shape), dout)
