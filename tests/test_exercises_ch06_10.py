@@ -147,6 +147,11 @@ def test_largest_shift_answer():
     assert not check_largest_shift("a lot")
 
 
+def test_largest_shift_not_attempted(capsys):
+    assert check_largest_shift(None) is False
+    assert "not attempted yet" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- chapter 9
 
 def lr_at(step, lr, warmup, factor, iters, cosine_over_all=False, warmup_plus_one=False):

@@ -10,7 +10,8 @@ centred differences of the reference loss.
 
 ``check_largest_shift(answer)`` checks a number: the largest shift ``s``
 (as a fraction of the box's width and height, both at once) for which a
-shifted copy of a box still has IoU >= 0.5 with it.
+shifted copy of a box still has IoU >= 0.5 with it. ``None`` is "not
+attempted yet".
 """
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ def check_largest_shift(answer, verbose: bool = True) -> bool:
     ``s <= 1 - sqrt(2/3)``. Three decimals are enough."""
     grade = Grade("the largest shift with IoU >= 0.5", verbose)
     expected = 1 - np.sqrt(2 / 3)
+    if answer is None:
+        if verbose:
+            print(f"{grade.exercise}: not attempted yet (your answer is None)")
+        return False
     try:
         value = float(answer)
     except (TypeError, ValueError):
