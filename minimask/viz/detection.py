@@ -126,7 +126,7 @@ def _caption_place(ax, box, caption, fontsize, placed):
     per_px_y = (yhi - ylo) / max(extent.height, 1.0)
     pt = ax.figure.dpi / 72.0
     w = (0.62 * len(caption) * fontsize + 4) * pt * per_px_x
-    h = (1.3 * fontsize + 3) * pt * per_px_y
+    h = (1.2 * fontsize + 2) * pt * per_px_y
     x = min(max(x1, xlo), max(xlo, xhi - w))
 
     def free(y):
