@@ -94,6 +94,7 @@ def draw_boxes(ax, boxes, labels=None, scores=None, colors=None, class_names=Non
         colors = [colors] * D
     if len(colors) != D:
         raise ValueError(f"colors must be one colour or one per box ({D}), got {len(colors)}")
+    placed = []          # caption rectangles already drawn, (x, y_top, w, h) in data units
     for d in range(D):
         x1, y1, x2, y2 = boxes[d]
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colors[d],
@@ -103,10 +104,43 @@ def draw_boxes(ax, boxes, labels=None, scores=None, colors=None, class_names=Non
         if caption:
             r, g, b = to_rgb(colors[d])
             ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.6 else "white"
-            ax.text(x1, y1, caption, color=ink, fontsize=fontsize, va="bottom",
+            x, y = _caption_place(ax, boxes[d], caption, fontsize, placed)
+            ax.text(x, y, caption, color=ink, fontsize=fontsize, va="top",
                     ha="left", bbox=dict(facecolor=colors[d], alpha=0.8, edgecolor="none",
                                          pad=1))
     return ax
+
+
+def _caption_place(ax, box, caption, fontsize, placed):
+    """Where a box's caption goes: just above the box's top-left corner if
+    that is free, else inside the box's top, else under the box, else further
+    up - the first spot that overlaps no caption already placed and stays in
+    the axes. Sizes are estimated from the font size and the axes' scale (in
+    data units per screen pixel). Appends the chosen rectangle to ``placed``
+    and returns the text's top-left corner."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    xlo, xhi = sorted(ax.get_xlim())
+    ylo, yhi = sorted(ax.get_ylim())
+    extent = ax.get_window_extent()
+    per_px_x = (xhi - xlo) / max(extent.width, 1.0)
+    per_px_y = (yhi - ylo) / max(extent.height, 1.0)
+    pt = ax.figure.dpi / 72.0
+    w = (0.62 * len(caption) * fontsize + 4) * pt * per_px_x
+    h = (1.2 * fontsize + 2) * pt * per_px_y
+    x = min(max(x1, xlo), max(xlo, xhi - w))
+
+    def free(y):
+        if y < ylo - 1e-9 or y + h > yhi + 1e-9:
+            return False
+        return all(x + w <= px or px + pw <= x or y + h <= py or py + ph <= y
+                   for px, py, pw, ph in placed)
+
+    candidates = [y1 - h, y1, y2, y1 - 2 * h, y2 + h, y1 + h, y1 - 3 * h, y2 + 2 * h]
+    y = next((c for c in candidates if free(c)), None)
+    if y is None:                       # crowded: the first spot inside the axes
+        y = next((c for c in candidates if ylo <= c <= yhi - h), min(max(y1, ylo), yhi - h))
+    placed.append((x, y, w, h))
+    return x, y
 
 
 def overlay_masks(image, masks, boxes=None, labels=None, scores=None, class_names=None,
