@@ -110,9 +110,44 @@ def compile_for_both(pyfunc):
     return cpu_version, cuda_version
 
 
+def device_sum(d, squares=False):
+    """The float64 sum of the elements of device array ``d`` (of their
+    squares with ``squares=True``), as a 1-element device array: one thread
+    per element, a shared-memory tree per block, one atomic add per block."""
+    require_cuda()
+    total = device_zeros(1, np.float64)
+    n = d.size
+    if n:
+        _sum_into[blocks_for(n), THREADS_PER_BLOCK](d.reshape(n), bool(squares), total)
+    return total
+
+
 if cuda is not None:
+    from numba import float64 as _float64
+
     @cuda.jit
     def _fill_zero(flat):
         i = cuda.grid(1)
         if i < flat.size:
             flat[i] = 0
+
+    @cuda.jit
+    def _sum_into(flat, squares, total):
+        partial = cuda.shared.array(THREADS_PER_BLOCK, _float64)
+        i = cuda.grid(1)
+        tid = cuda.threadIdx.x
+        v = 0.0
+        if i < flat.size:
+            v = flat[i]
+            if squares:
+                v = v * v
+        partial[tid] = v
+        cuda.syncthreads()
+        step = THREADS_PER_BLOCK // 2
+        while step > 0:         # every thread reaches every barrier
+            if tid < step:
+                partial[tid] += partial[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid == 0:
+            cuda.atomic.add(total, 0, partial[0])
