@@ -32,18 +32,57 @@ class Parameter:
     def zero_grad(self) -> None:
         self.grad[...] = 0
 
+    def assign(self, value) -> None:
+        """Overwrite the value in place with host array ``value`` (cast to
+        the parameter's dtype), wherever the parameter lives."""
+        value = np.asarray(value).astype(self.value.dtype, copy=False)
+        if isinstance(self.value, np.ndarray):
+            self.value[...] = value
+        else:
+            self.value.copy_to_device(np.ascontiguousarray(value))
+
     def __repr__(self) -> str:
         return f"Parameter(shape={self.value.shape}, dtype={self.value.dtype})"
 
 
 class Module:
-    """Base class: finds its parameters and child modules by attribute.
+    """Base class: finds its parameters, buffers and child modules by attribute.
 
     Attributes that are a ``Parameter``, a ``Module``, or a list/tuple of
     modules are registered by name, so ``named_parameters`` gives dotted
     names such as ``"fpn.lateral3.weight"`` (or ``"heads.0.weight"`` for a
     list) that are stable across runs - the keys of ``state_dict``.
+
+    A *buffer* (``register_buffer``, as in ``torch.nn.Module``) is state that
+    is not trained but belongs to the model - running statistics, say. It
+    stays an ordinary attribute (``self.name`` is the array), is saved and
+    loaded with the parameters, and is not in ``parameters()``, so the
+    optimiser never touches it.
     """
+
+    def register_buffer(self, name: str, value) -> None:
+        """Make ``self.<name> = value`` a buffer: saved in ``state_dict``,
+        restored by ``load_state_dict``, not a parameter."""
+        names = vars(self).setdefault("_buffer_names", [])
+        if name not in names:
+            names.append(name)
+        setattr(self, name, np.array(value))
+
+    def _buffer_slots(self, prefix: str = ""):
+        """``(dotted name, owning module, attribute)`` of every buffer."""
+        for name in vars(self).get("_buffer_names", ()):
+            yield f"{prefix}{name}", self, name
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield from value._buffer_slots(f"{prefix}{name}.")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield from item._buffer_slots(f"{prefix}{name}.{i}.")
+
+    def named_buffers(self, prefix: str = ""):
+        for full, module, attr in self._buffer_slots(prefix):
+            yield full, getattr(module, attr)
 
     def named_parameters(self, prefix: str = ""):
         for name, value in vars(self).items():
@@ -70,15 +109,22 @@ class Module:
         return sum(p.value.size for p in self.parameters())
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Parameter values by dotted name (copies)."""
-        return {name: p.value.copy() for name, p in self.named_parameters()}
+        """Parameter and buffer values by dotted name, as host copies (a
+        model on the GPU is copied back)."""
+        state = {name: _host_copy(p.value) for name, p in self.named_parameters()}
+        state.update({name: _host_copy(b) for name, b in self.named_buffers()})
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray], strict: bool = True) -> None:
-        """Copy values into the parameters, refusing missing, extra or
-        mis-shaped entries with a message that names them."""
+        """Copy values into the parameters and buffers, refusing missing,
+        extra or mis-shaped entries with a message that names them. A buffer
+        missing from the file (a checkpoint written before the model had it)
+        keeps its current value. Values land on the device the parameter
+        lives on."""
         own = dict(self.named_parameters())
+        buffers = {full: (module, attr) for full, module, attr in self._buffer_slots()}
         missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        unexpected = sorted(set(state) - set(own) - set(buffers))
         if strict and (missing or unexpected):
             raise ValueError("state dict does not match the module: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -86,13 +132,14 @@ class Module:
         for name, p in own.items():
             if name not in state:
                 continue
-            value = np.asarray(state[name])
-            if value.shape != p.value.shape:
-                raise ValueError(f"state dict entry {name!r} has shape {value.shape}, "
-                                 f"the module expects {p.value.shape}")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"state dict entry {name!r} contains NaN or infinity")
-            p.value[...] = value.astype(p.value.dtype, copy=False)
+            value = _checked_entry(name, state[name], p.value.shape)
+            p.assign(value)
+        for name, (module, attr) in buffers.items():
+            if name not in state:
+                continue
+            current = getattr(module, attr)
+            value = _checked_entry(name, state[name], np.shape(current))
+            setattr(module, attr, value.astype(current.dtype, copy=True))
 
     def save(self, path, metadata: dict | None = None) -> None:
         """Write the parameters to ``path`` as ``.npz``, atomically."""
@@ -103,6 +150,24 @@ class Module:
         state, metadata = load_npz(path)
         self.load_state_dict(state, strict=strict)
         return metadata
+
+
+def _host_copy(a) -> np.ndarray:
+    """A host NumPy copy of a host or device array."""
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    from minimask.backend import CUDA
+    return CUDA.to_host(a)
+
+
+def _checked_entry(name, value, shape) -> np.ndarray:
+    value = np.asarray(value)
+    if value.shape != tuple(shape):
+        raise ValueError(f"state dict entry {name!r} has shape {value.shape}, "
+                         f"the module expects {tuple(shape)}")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"state dict entry {name!r} contains NaN or infinity")
+    return value
 
 
 _METADATA_KEY = "__metadata__"

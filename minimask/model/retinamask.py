@@ -60,8 +60,10 @@ class RetinaMask(Module):
             canonical_level=config.canonical_level, min_level=config.roi_min_level,
             max_level=config.roi_max_level, first_level=3)
         self._anchor_cache = {}
-        # running mean and variance of |box error| for the self-adjusting beta
-        self.beta_stats = np.array([config.box_beta, 0.0])
+        # running mean and variance of |box error| for the self-adjusting
+        # beta: a buffer, so a checkpoint carries it and a resumed run goes on
+        # exactly as an uninterrupted one
+        self.register_buffer("beta_stats", np.array([config.box_beta, 0.0]))
 
     # ------------------------------------------------------------------
     # input checks
