@@ -30,7 +30,31 @@ class Parameter:
         return self.value.shape
 
     def zero_grad(self) -> None:
-        self.grad[...] = 0
+        if isinstance(self.grad, np.ndarray):
+            self.grad[...] = 0
+        else:
+            from minimask.layers import glue
+            glue.fill(self.grad, 0, _device_backend())
+
+    def accumulate(self, g) -> None:
+        """``grad += g``, on the device when the parameter lives there."""
+        if isinstance(self.grad, np.ndarray):
+            self.grad += g if isinstance(g, np.ndarray) else _host_copy(g)
+        else:
+            from minimask.layers import glue
+            glue.add_into(self.grad, g, _device_backend())
+
+    @property
+    def on_device(self) -> bool:
+        return not isinstance(self.value, np.ndarray)
+
+    def move_to(self, be) -> None:
+        """Put value and gradient on backend ``be``'s device (a GPU for
+        "cuda", the host otherwise); a no-op when they are there already."""
+        if be.on_device and not self.on_device:
+            self.value, self.grad = be.asarray(self.value), be.asarray(self.grad)
+        elif not be.on_device and self.on_device:
+            self.value, self.grad = _host_copy(self.value), _host_copy(self.grad)
 
     def assign(self, value) -> None:
         """Overwrite the value in place with host array ``value`` (cast to
@@ -105,6 +129,17 @@ class Module:
         for p in self.parameters():
             p.zero_grad()
 
+    def to_backend(self, be=None):
+        """Move every parameter to backend ``be`` (default: the current one):
+        onto the GPU for "cuda", back to the host otherwise. Cheap when they
+        are there already, so ``RetinaMask`` calls it at every step."""
+        if be is None:
+            from minimask.backend import current_backend
+            be = current_backend()
+        for p in self.parameters():
+            p.move_to(be)
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.value.size for p in self.parameters())
 
@@ -150,6 +185,11 @@ class Module:
         state, metadata = load_npz(path)
         self.load_state_dict(state, strict=strict)
         return metadata
+
+
+def _device_backend():
+    from minimask.backend import CUDA
+    return CUDA
 
 
 def _host_copy(a) -> np.ndarray:
@@ -249,27 +289,36 @@ class SGD:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.velocity = [np.zeros_like(p.value) for p in self.params]
+        # host zeros; each moves to its parameter's device on the first step
+        self.velocity = [np.zeros(p.value.shape, dtype=p.value.dtype) for p in self.params]
 
     def step(self) -> None:
-        for p, v in zip(self.params, self.velocity):
-            g = p.grad
-            if self.weight_decay:
-                g = g + self.weight_decay * p.value
-            v *= self.momentum
-            v += g
-            p.value -= self.lr * v
+        """One update of every parameter, on the device it lives on (the
+        momentum buffer follows its parameter there on first use)."""
+        from minimask.backend import CPU
+        from minimask.layers import glue
+        for i, (p, v) in enumerate(zip(self.params, self.velocity)):
+            if isinstance(v, np.ndarray) == p.on_device:     # it moved: follow it
+                v = self.velocity[i] = (_device_backend().asarray(v) if p.on_device
+                                        else _host_copy(v))
+            be = _device_backend() if p.on_device else CPU
+            glue.sgd_update(p.value, p.grad, v, self.lr, self.momentum, self.weight_decay, be)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.zero_grad()
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {f"velocity.{i}": v.copy() for i, v in enumerate(self.velocity)}
+        """The momentum buffers, as host copies."""
+        return {f"velocity.{i}": _host_copy(v) for i, v in enumerate(self.velocity)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         for i, v in enumerate(self.velocity):
             key = f"velocity.{i}"
             if key not in state or state[key].shape != v.shape:
                 raise ValueError(f"optimiser state {key!r} is missing or has the wrong shape")
-            v[...] = state[key]
+            value = np.asarray(state[key]).astype(v.dtype, copy=False)
+            if isinstance(v, np.ndarray):
+                v[...] = value
+            else:
+                v.copy_to_device(np.ascontiguousarray(value))
