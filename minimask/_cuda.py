@@ -7,6 +7,7 @@ Numba CPU kernel; this file holds only what all of them need:
   works where numba-cuda is missing;
 * ``THREADS_PER_BLOCK`` and ``blocks_for`` - a 1-D launch of one thread per
   output element, with a ceil-div grid (every kernel guards ``i < n``);
+  256 threads on a GPU, 32 in the simulator;
 * ``to_device`` / ``to_output`` - host arrays are copied over and results
   copied back, device arrays stay on the device, so a chain of layers on
   device arrays never touches the host;
@@ -27,7 +28,16 @@ from numba import njit
 
 from minimask._checks import is_device_array
 
-THREADS_PER_BLOCK = 256
+import numba as _numba
+
+# Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) every thread of a block
+# runs as a Python thread, so the same kernels are launched with 32-thread
+# blocks there (and the GEMM with smaller tiles, see layers/gemm.py): every
+# block-size-dependent loop and tree reduction is written for any power of
+# two, and small blocks make tiny tests cross block boundaries more often.
+# A GPU gets 256.
+SIMULATED = bool(_numba.config.ENABLE_CUDASIM)
+THREADS_PER_BLOCK = 32 if SIMULATED else 256
 
 try:  # numba-cuda is optional: "numpy" and "cpu" work without it
     from numba import cuda

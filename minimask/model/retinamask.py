@@ -209,6 +209,8 @@ class RetinaMask(Module):
             host = be.to_host(flat)
             idx = np.flatnonzero(host > logit_thresh)
             return idx, host[idx]
+        if len(idx) == 0:
+            return idx, np.zeros(0, dtype=logits.dtype)
         return idx, be.to_host(glue.take_rows(flat, idx, be))
 
     @staticmethod
