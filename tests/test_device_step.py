@@ -56,10 +56,11 @@ def host(a):
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.array(a)
 
 
-def train_steps(model, optimizer, backend, steps, first=0):
+def train_steps(model, optimizer, backend, steps, first=0, keep_grads=True):
     """``steps`` SGD steps on ``backend``; returns each step's losses and
-    the gradients of the first step (host copies)."""
-    losses, grads = [], None
+    the gradients of the first step (host copies; ``keep_grads=False`` makes
+    none, so that a copy count sees the training step's copies only)."""
+    losses, grads = [], None if keep_grads else {}
     with minimask.using_backend(backend):
         for step in range(first, first + steps):
             images, targets = micro_batch(model.dtype, shift=step % 2)
@@ -137,7 +138,7 @@ def test_two_training_steps_on_cuda_equal_cpu_and_stay_on_the_device(tmp_path, m
     # step 2, with every host<->device copy recorded
     numba_copies = _record_numba_copies(monkeypatch)
     with CUDA.counting_copies() as copies:
-        losses, _ = train_steps(model, opt, "cuda", 1, first=1)
+        losses, _ = train_steps(model, opt, "cuda", 1, first=1, keep_grads=False)
     monkeypatch.undo()
     np.testing.assert_allclose(losses[0], cpu_losses[1], rtol=1e-9)
     assert_params_close(model, _cpu_after(2), 1e-9, 1e-12, "2 steps")
@@ -213,7 +214,10 @@ def test_float32_loss_and_gradients_on_cuda_match_cpu():
     results differ by float32 round-off. Written tolerances: the loss within
     2e-4 relative; each gradient within 2e-3 of its parameter's largest
     gradient entry (absolute), which is what a float32 GEMM over a few
-    hundred terms can move."""
+    hundred terms can move - or of 1e-3 of the model's largest gradient
+    entry, for a parameter whose whole gradient is tiny (a GroupNorm on a
+    1 x 1 map gets ~1e-8, and its round-off comes from the larger terms
+    that cancelled to give it)."""
     cpu_model, model = micro_model("float32"), micro_model("float32")
     images, targets = micro_batch(np.float32)
     with minimask.using_backend("cpu"):
@@ -222,7 +226,8 @@ def test_float32_loss_and_gradients_on_cuda_match_cpu():
         got = model.loss(images, targets)
     for k in ("cls", "box", "mask", "total"):
         assert got[k] == pytest.approx(ref[k], rel=2e-4), k
+    largest = max(float(np.abs(q.grad).max()) for q in cpu_model.parameters())
     for (name, p), (_, q) in zip(model.named_parameters(), cpu_model.named_parameters()):
         g, r = host(p.grad), q.grad
-        scale = max(float(np.abs(r).max()), 1e-12)
+        scale = max(float(np.abs(r).max()), 1e-3 * largest)
         np.testing.assert_allclose(g, r, rtol=0, atol=2e-3 * scale, err_msg=name)
