@@ -49,7 +49,7 @@ from numba import njit, prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, check_nonnegative_int, check_same_shape, pair
-from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._cuda import cuda
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 
