@@ -7,6 +7,7 @@ Numba CPU kernel; this file holds only what all of them need:
   works where numba-cuda is missing;
 * ``THREADS_PER_BLOCK`` and ``blocks_for`` - a 1-D launch of one thread per
   output element, with a ceil-div grid (every kernel guards ``i < n``);
+  256 threads on a GPU, 32 in the simulator;
 * ``to_device`` / ``to_output`` - host arrays are copied over and results
   copied back, device arrays stay on the device, so a chain of layers on
   device arrays never touches the host;
@@ -27,7 +28,16 @@ from numba import njit
 
 from minimask._checks import is_device_array
 
-THREADS_PER_BLOCK = 256
+import numba as _numba
+
+# Under the CUDA simulator (NUMBA_ENABLE_CUDASIM=1) every thread of a block
+# runs as a Python thread, so the same kernels are launched with 32-thread
+# blocks there (and the GEMM with smaller tiles, see layers/gemm.py): every
+# block-size-dependent loop and tree reduction is written for any power of
+# two, and small blocks make tiny tests cross block boundaries more often.
+# A GPU gets 256.
+SIMULATED = bool(_numba.config.ENABLE_CUDASIM)
+THREADS_PER_BLOCK = 32 if SIMULATED else 256
 
 try:  # numba-cuda is optional: "numpy" and "cpu" work without it
     from numba import cuda
@@ -110,9 +120,44 @@ def compile_for_both(pyfunc):
     return cpu_version, cuda_version
 
 
+def device_sum(d, squares=False):
+    """The float64 sum of the elements of device array ``d`` (of their
+    squares with ``squares=True``), as a 1-element device array: one thread
+    per element, a shared-memory tree per block, one atomic add per block."""
+    require_cuda()
+    total = device_zeros(1, np.float64)
+    n = d.size
+    if n:
+        _sum_into[blocks_for(n), THREADS_PER_BLOCK](d.reshape(n), bool(squares), total)
+    return total
+
+
 if cuda is not None:
+    from numba import float64 as _float64
+
     @cuda.jit
     def _fill_zero(flat):
         i = cuda.grid(1)
         if i < flat.size:
             flat[i] = 0
+
+    @cuda.jit
+    def _sum_into(flat, squares, total):
+        partial = cuda.shared.array(THREADS_PER_BLOCK, _float64)
+        i = cuda.grid(1)
+        tid = cuda.threadIdx.x
+        v = 0.0
+        if i < flat.size:
+            v = flat[i]
+            if squares:
+                v = v * v
+        partial[tid] = v
+        cuda.syncthreads()
+        step = THREADS_PER_BLOCK // 2
+        while step > 0:         # every thread reaches every barrier
+            if tid < step:
+                partial[tid] += partial[tid + step]
+            cuda.syncthreads()
+            step //= 2
+        if tid == 0:
+            cuda.atomic.add(total, 0, partial[0])

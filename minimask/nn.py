@@ -30,20 +30,83 @@ class Parameter:
         return self.value.shape
 
     def zero_grad(self) -> None:
-        self.grad[...] = 0
+        if isinstance(self.grad, np.ndarray):
+            self.grad[...] = 0
+        else:
+            from minimask.layers import glue
+            glue.fill(self.grad, 0, _device_backend())
+
+    def accumulate(self, g) -> None:
+        """``grad += g``, on the device when the parameter lives there."""
+        if isinstance(self.grad, np.ndarray):
+            self.grad += g if isinstance(g, np.ndarray) else _host_copy(g)
+        else:
+            from minimask.layers import glue
+            glue.add_into(self.grad, g, _device_backend())
+
+    @property
+    def on_device(self) -> bool:
+        return not isinstance(self.value, np.ndarray)
+
+    def move_to(self, be) -> None:
+        """Put value and gradient on backend ``be``'s device (a GPU for
+        "cuda", the host otherwise); a no-op when they are there already."""
+        if be.on_device and not self.on_device:
+            self.value, self.grad = be.asarray(self.value), be.asarray(self.grad)
+        elif not be.on_device and self.on_device:
+            self.value, self.grad = _host_copy(self.value), _host_copy(self.grad)
+
+    def assign(self, value) -> None:
+        """Overwrite the value in place with host array ``value`` (cast to
+        the parameter's dtype), wherever the parameter lives."""
+        value = np.asarray(value).astype(self.value.dtype, copy=False)
+        if isinstance(self.value, np.ndarray):
+            self.value[...] = value
+        else:
+            self.value.copy_to_device(np.ascontiguousarray(value))
 
     def __repr__(self) -> str:
         return f"Parameter(shape={self.value.shape}, dtype={self.value.dtype})"
 
 
 class Module:
-    """Base class: finds its parameters and child modules by attribute.
+    """Base class: finds its parameters, buffers and child modules by attribute.
 
     Attributes that are a ``Parameter``, a ``Module``, or a list/tuple of
     modules are registered by name, so ``named_parameters`` gives dotted
     names such as ``"fpn.lateral3.weight"`` (or ``"heads.0.weight"`` for a
     list) that are stable across runs - the keys of ``state_dict``.
+
+    A *buffer* (``register_buffer``, as in ``torch.nn.Module``) is state that
+    is not trained but belongs to the model - running statistics, say. It
+    stays an ordinary attribute (``self.name`` is the array), is saved and
+    loaded with the parameters, and is not in ``parameters()``, so the
+    optimiser never touches it.
     """
+
+    def register_buffer(self, name: str, value) -> None:
+        """Make ``self.<name> = value`` a buffer: saved in ``state_dict``,
+        restored by ``load_state_dict``, not a parameter."""
+        names = vars(self).setdefault("_buffer_names", [])
+        if name not in names:
+            names.append(name)
+        setattr(self, name, np.array(value))
+
+    def _buffer_slots(self, prefix: str = ""):
+        """``(dotted name, owning module, attribute)`` of every buffer."""
+        for name in vars(self).get("_buffer_names", ()):
+            yield f"{prefix}{name}", self, name
+        for name, value in vars(self).items():
+            if isinstance(value, Module):
+                yield from value._buffer_slots(f"{prefix}{name}.")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Module):
+                        yield from item._buffer_slots(f"{prefix}{name}.{i}.")
+
+    def named_buffers(self, prefix: str = ""):
+        for full, module, attr in self._buffer_slots(prefix):
+            yield full, getattr(module, attr)
 
     def named_parameters(self, prefix: str = ""):
         for name, value in vars(self).items():
@@ -66,19 +129,37 @@ class Module:
         for p in self.parameters():
             p.zero_grad()
 
+    def to_backend(self, be=None):
+        """Move every parameter to backend ``be`` (default: the current one):
+        onto the GPU for "cuda", back to the host otherwise. Cheap when they
+        are there already, so ``RetinaMask`` calls it at every step."""
+        if be is None:
+            from minimask.backend import current_backend
+            be = current_backend()
+        for p in self.parameters():
+            p.move_to(be)
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.value.size for p in self.parameters())
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Parameter values by dotted name (copies)."""
-        return {name: p.value.copy() for name, p in self.named_parameters()}
+        """Parameter and buffer values by dotted name, as host copies (a
+        model on the GPU is copied back)."""
+        state = {name: _host_copy(p.value) for name, p in self.named_parameters()}
+        state.update({name: _host_copy(b) for name, b in self.named_buffers()})
+        return state
 
     def load_state_dict(self, state: dict[str, np.ndarray], strict: bool = True) -> None:
-        """Copy values into the parameters, refusing missing, extra or
-        mis-shaped entries with a message that names them."""
+        """Copy values into the parameters and buffers, refusing missing,
+        extra or mis-shaped entries with a message that names them. A buffer
+        missing from the file (a checkpoint written before the model had it)
+        keeps its current value. Values land on the device the parameter
+        lives on."""
         own = dict(self.named_parameters())
+        buffers = {full: (module, attr) for full, module, attr in self._buffer_slots()}
         missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        unexpected = sorted(set(state) - set(own) - set(buffers))
         if strict and (missing or unexpected):
             raise ValueError("state dict does not match the module: "
                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -86,13 +167,14 @@ class Module:
         for name, p in own.items():
             if name not in state:
                 continue
-            value = np.asarray(state[name])
-            if value.shape != p.value.shape:
-                raise ValueError(f"state dict entry {name!r} has shape {value.shape}, "
-                                 f"the module expects {p.value.shape}")
-            if not np.all(np.isfinite(value)):
-                raise ValueError(f"state dict entry {name!r} contains NaN or infinity")
-            p.value[...] = value.astype(p.value.dtype, copy=False)
+            value = _checked_entry(name, state[name], p.value.shape)
+            p.assign(value)
+        for name, (module, attr) in buffers.items():
+            if name not in state:
+                continue
+            current = getattr(module, attr)
+            value = _checked_entry(name, state[name], np.shape(current))
+            setattr(module, attr, value.astype(current.dtype, copy=True))
 
     def save(self, path, metadata: dict | None = None) -> None:
         """Write the parameters to ``path`` as ``.npz``, atomically."""
@@ -103,6 +185,29 @@ class Module:
         state, metadata = load_npz(path)
         self.load_state_dict(state, strict=strict)
         return metadata
+
+
+def _device_backend():
+    from minimask.backend import CUDA
+    return CUDA
+
+
+def _host_copy(a) -> np.ndarray:
+    """A host NumPy copy of a host or device array."""
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    from minimask.backend import CUDA
+    return CUDA.to_host(a)
+
+
+def _checked_entry(name, value, shape) -> np.ndarray:
+    value = np.asarray(value)
+    if value.shape != tuple(shape):
+        raise ValueError(f"state dict entry {name!r} has shape {value.shape}, "
+                         f"the module expects {tuple(shape)}")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"state dict entry {name!r} contains NaN or infinity")
+    return value
 
 
 _METADATA_KEY = "__metadata__"
@@ -184,27 +289,36 @@ class SGD:
         self.lr = lr
         self.momentum = momentum
         self.weight_decay = weight_decay
-        self.velocity = [np.zeros_like(p.value) for p in self.params]
+        # host zeros; each moves to its parameter's device on the first step
+        self.velocity = [np.zeros(p.value.shape, dtype=p.value.dtype) for p in self.params]
 
     def step(self) -> None:
-        for p, v in zip(self.params, self.velocity):
-            g = p.grad
-            if self.weight_decay:
-                g = g + self.weight_decay * p.value
-            v *= self.momentum
-            v += g
-            p.value -= self.lr * v
+        """One update of every parameter, on the device it lives on (the
+        momentum buffer follows its parameter there on first use)."""
+        from minimask.backend import CPU
+        from minimask.layers import glue
+        for i, (p, v) in enumerate(zip(self.params, self.velocity)):
+            if isinstance(v, np.ndarray) == p.on_device:     # it moved: follow it
+                v = self.velocity[i] = (_device_backend().asarray(v) if p.on_device
+                                        else _host_copy(v))
+            be = _device_backend() if p.on_device else CPU
+            glue.sgd_update(p.value, p.grad, v, self.lr, self.momentum, self.weight_decay, be)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.zero_grad()
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {f"velocity.{i}": v.copy() for i, v in enumerate(self.velocity)}
+        """The momentum buffers, as host copies."""
+        return {f"velocity.{i}": _host_copy(v) for i, v in enumerate(self.velocity)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         for i, v in enumerate(self.velocity):
             key = f"velocity.{i}"
             if key not in state or state[key].shape != v.shape:
                 raise ValueError(f"optimiser state {key!r} is missing or has the wrong shape")
-            v[...] = state[key]
+            value = np.asarray(state[key]).astype(v.dtype, copy=False)
+            if isinstance(v, np.ndarray):
+                v[...] = value
+            else:
+                v.copy_to_device(np.ascontiguousarray(value))

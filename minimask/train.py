@@ -84,12 +84,21 @@ def learning_rate(step: int, s: TrainSettings) -> float:
 
 def clip_gradients(params, max_norm: float) -> float:
     """Scale all gradients down together so their global L2 norm is at most
-    ``max_norm``; returns the norm before clipping."""
-    total = math.sqrt(sum(float(np.sum(p.grad.astype(np.float64) ** 2)) for p in params))
+    ``max_norm``; returns the norm before clipping. Gradients on the GPU are
+    measured and scaled there: only the norm (one number) crosses."""
+    from minimask.backend import CPU, CUDA
+    from minimask.layers import glue
+    params = list(params)
+    host = [p.grad for p in params if isinstance(p.grad, np.ndarray)]
+    device = [p.grad for p in params if not isinstance(p.grad, np.ndarray)]
+    squares = glue.sum_squares(host, CPU) if host else 0.0
+    if device:
+        squares += glue.sum_squares(device, CUDA)
+    total = math.sqrt(squares)
     if max_norm > 0 and total > max_norm:
         scale = max_norm / (total + 1e-6)
         for p in params:
-            p.grad *= scale
+            glue.scale_into(p.grad, scale, CPU if isinstance(p.grad, np.ndarray) else CUDA)
     return total
 
 

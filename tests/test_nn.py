@@ -134,3 +134,42 @@ def test_sgd_refuses_bad_settings():
 def test_parameter_refuses_integers():
     with pytest.raises(ValueError, match="float32 or float64"):
         Parameter(np.arange(3))
+
+
+class WithBuffer(Module):
+    def __init__(self, rng):
+        self.layer = Linear(2, 2, rng)
+        self.register_buffer("running", np.array([1.0, 0.0]))
+        self.children = [Linear(2, 1, rng)]
+        self.children[0].register_buffer("count", np.zeros(1))
+
+
+def test_buffers_are_saved_and_loaded_but_not_parameters(tmp_path, rng):
+    net = WithBuffer(rng)
+    assert [n for n, _ in net.named_buffers()] == ["running", "children.0.count"]
+    assert "running" not in dict(net.named_parameters())
+    assert len(net.parameters()) == 4
+    state = net.state_dict()
+    assert set(state) == {"layer.weight", "layer.bias", "children.0.weight", "children.0.bias",
+                          "running", "children.0.count"}
+    # the optimiser holds parameters only: a step leaves a buffer alone
+    opt = SGD(net.parameters(), lr=0.1)
+    for p in net.parameters():
+        p.grad[...] = 1.0
+    opt.step()
+    np.testing.assert_array_equal(net.running, [1.0, 0.0])
+    # the attribute is the array, and re-assigning it keeps it a buffer
+    net.running = np.array([0.5, 0.25])
+    net.children[0].count = np.array([3.0])
+    net.save(tmp_path / "w.npz")
+    other = WithBuffer(np.random.default_rng(9))
+    other.load(tmp_path / "w.npz")
+    np.testing.assert_array_equal(other.running, [0.5, 0.25])
+    np.testing.assert_array_equal(other.children[0].count, [3.0])
+    # a file from before the buffer existed still loads; the buffer keeps its value
+    no_buffers = {k: v for k, v in state.items() if k not in ("running", "children.0.count")}
+    fresh = WithBuffer(rng)
+    fresh.load_state_dict(no_buffers)
+    np.testing.assert_array_equal(fresh.running, [1.0, 0.0])
+    with pytest.raises(ValueError, match="'running' has shape"):
+        fresh.load_state_dict({**state, "running": np.zeros(3)})

@@ -560,3 +560,69 @@ def test_plot_draws_the_layers_sample_points(output_size, sampling_ratio, aligne
             assert f"{w:.2f}" in texts
     finally:
         plt.close(ax.figure)
+
+
+# --------------------------------------------------------------------------
+# Adaptive sampling on a degenerate RoI: capped, so it returns
+# --------------------------------------------------------------------------
+
+_HUGE_ROI_SCRIPT = r"""
+import sys, time
+import numpy as np
+import minimask
+from minimask.layers import roi_align_backward, roi_align_forward
+backend, size, out_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+f = np.random.default_rng(0).standard_normal((1, 2, size, size))
+with minimask.using_backend(backend):
+    roi_align_forward(f, np.array([[0, 1.0, 1.0, 9.0, 9.0]]), out_size, 1.0, 0)  # compile
+    t0 = time.perf_counter()
+    out, cache = roi_align_forward(f, np.array([[0, -1e6, -1e6, 1e6, 1e6]]), out_size, 1.0, 0)
+    d = roi_align_backward(np.ones(np.shape(out)), cache)
+    elapsed = time.perf_counter() - t0
+to_np = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+ok = np.all(np.isfinite(to_np(out))) and np.all(np.isfinite(to_np(d)))
+print(f"{elapsed:.3f} {int(ok)}")
+"""
+
+
+@pytest.mark.parametrize("backend_name, size, out_size", [
+    pytest.param("cpu", 64, 14, id="cpu-64px"),
+    pytest.param("numpy", 16, 2, id="numpy-16px"),
+    pytest.param("cuda", 8, 2, id="cuda-8px", marks=pytest.mark.cuda),
+])
+def test_huge_roi_with_adaptive_sampling_returns_quickly(backend_name, size, out_size):
+    """sampling_ratio <= 0 asks for ceil(extent / output_size) samples per
+    bin; a +-1e6 pixel box would mean ~10^5 x 10^5 per bin and never return.
+    The grid is capped at size + 1 per axis; in a subprocess with a timeout
+    so a regression fails instead of hanging the suite."""
+    import os
+    import subprocess
+    import sys
+    if backend_name == "cuda" and not cuda_available():
+        pytest.skip("runs in the GPU / simulator run (-m cuda)")
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _HUGE_ROI_SCRIPT, backend_name, str(size),
+                           str(out_size)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    elapsed, finite = done.stdout.split()[-2:]
+    assert finite == "1"
+    assert float(elapsed) < 20.0, f"the huge RoI took {elapsed} s"
+
+
+def test_grid_cap_leaves_rois_on_the_map_unchanged(rng):
+    """The cap (size + 1 samples per bin and axis) only bites for a bin wider
+    than the map: any RoI inside the map keeps torchvision's adaptive grid."""
+    from minimask.layers.roi_align import adaptive_grid_cap
+    H, W = 13, 21
+    for _ in range(50):
+        x1, x2 = np.sort(rng.uniform(-0.5, W - 0.5, 2))
+        y1, y2 = np.sort(rng.uniform(-0.5, H - 0.5, 2))
+        for out in (1, 2, 7):
+            free = roi_align_sample_points([x1, y1, x2, y2], out, 1.0, 0, True)
+            capped = roi_align_sample_points([x1, y1, x2, y2], out, 1.0, 0, True, (H, W))
+            np.testing.assert_array_equal(free[0], capped[0])
+            np.testing.assert_array_equal(free[1], capped[1])
+    ys, xs = roi_align_sample_points([-1e6, -1e6, 1e6, 1e6], 2, 1.0, 0, True, (H, W))
+    assert ys.shape == (2, 2, adaptive_grid_cap(H) * adaptive_grid_cap(W))

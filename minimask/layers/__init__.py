@@ -2,7 +2,10 @@
 
 ``*_forward(...)`` returns ``(out, cache)``; ``*_backward(dout, cache)``
 returns the gradients in the order the docstring lists. Arrays are NCHW.
-Each function runs on the current backend (see ``minimask.backend``).
+Each function runs on the current backend (see ``minimask.backend``): the
+forward takes the current backend object, runs the implementation its
+module registered there, and keeps the backend in the cache, so the backward
+runs on the same backend whatever the setting is by then.
 
 One module per layer, each holding the equation, the NumPy reference, the
 Numba CPU kernel and the CUDA kernel:
@@ -21,6 +24,8 @@ module                        functions
 ``focal_loss``                sigmoid_focal_loss
 ``smooth_l1``                 smooth_l1
 ``mask_bce``                  mask_bce
+``glue``                      the model's glue between layers (adds, crops,
+                              head flattening, row gathers, SGD, ...)
 ============================  ===========================================
 
 Submodules are imported on first use (PEP 562), so ``import minimask``

@@ -16,8 +16,9 @@ Sigmoid
 
 This file is the pattern every layer module follows: the NumPy reference
 first, then the Numba CPU kernels, then the CUDA kernels, then the public
-``*_forward`` / ``*_backward`` pair that checks its inputs and dispatches on
-the current backend.
+``*_forward`` / ``*_backward`` pair that checks its inputs, takes the current
+backend object, runs that backend's registered implementation, and keeps the
+backend in the cache so that the backward runs where the forward did.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from numba import njit, prange
 from minimask import _cuda
 from minimask._checks import check_float_array, check_same_shape
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
 # NumPy reference
@@ -123,22 +124,46 @@ if cuda is not None:
             dx[i] = dout[i] * y[i] * (1 - y[i])
 
 
-def _elementwise(kernel_cpu, kernel_cuda, *arrays):
-    """Run a flat elementwise kernel on the current fast backend; the result
-    has the shape of ``arrays[0]`` (all arrays share one shape)."""
-    first = arrays[0]
-    if get_backend() == "cpu":
+# --------------------------------------------------------------------------
+# Registration: one flat elementwise launch per backend
+# --------------------------------------------------------------------------
+
+
+def _on_cpu(kernel):
+    """A flat Numba kernel as a function of same-shape host arrays."""
+    def run(*arrays):
         flat = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
         out = np.empty_like(flat[0])
-        kernel_cpu(*flat, out)
-        return out.reshape(first.shape)
-    d = [_cuda.to_device(a) for a in arrays]
-    d_out = cuda.device_array(d[0].shape, dtype=d[0].dtype)
-    n = d_out.size
-    if n:
-        flat = [a.reshape(n) for a in d] + [d_out.reshape(n)]
-        kernel_cuda[blocks_for(n), THREADS_PER_BLOCK](*flat)
-    return _cuda.to_output(d_out, first)
+        kernel(*flat, out)
+        return out.reshape(arrays[0].shape)
+    return run
+
+
+def _on_cuda(kernel):
+    """A flat CUDA kernel as a function of same-shape device arrays."""
+    def run(*arrays):
+        d_out = cuda.device_array(arrays[0].shape, dtype=arrays[0].dtype)
+        n = d_out.size
+        if n:
+            flat = [a.reshape(n) for a in arrays] + [d_out.reshape(n)]
+            kernel[blocks_for(n), THREADS_PER_BLOCK](*flat)
+        return d_out
+    return run
+
+
+NUMPY.register("relu_forward", relu_forward_numpy)
+NUMPY.register("relu_backward", relu_backward_numpy)
+NUMPY.register("sigmoid_forward", sigmoid_numpy)
+NUMPY.register("sigmoid_backward", sigmoid_backward_numpy)
+CPU.register("relu_forward", _on_cpu(_relu_forward_cpu))
+CPU.register("relu_backward", _on_cpu(_relu_backward_cpu))
+CPU.register("sigmoid_forward", _on_cpu(_sigmoid_forward_cpu))
+CPU.register("sigmoid_backward", _on_cpu(_sigmoid_backward_cpu))
+if cuda is not None:
+    CUDA.register("relu_forward", _on_cuda(_relu_forward_cuda))
+    CUDA.register("relu_backward", _on_cuda(_relu_backward_cuda))
+    CUDA.register("sigmoid_forward", _on_cuda(_sigmoid_forward_cuda))
+    CUDA.register("sigmoid_backward", _on_cuda(_sigmoid_backward_cuda))
 
 
 # --------------------------------------------------------------------------
@@ -154,21 +179,18 @@ def relu_forward(x):
     Returns ``(out, cache)``; ``out`` has the shape and dtype of ``x``.
     """
     x = check_float_array("x", x)
-    if get_backend() == "numpy":
-        out = relu_forward_numpy(x)
-    else:
-        out = _elementwise(_relu_forward_cpu, _relu_forward_cuda if cuda else None, x)
-    return out, x
+    be = current_backend()
+    d_x = be.asarray(x)
+    out = be.op("relu_forward")(d_x)
+    return be.output(out, x), (be, d_x)
 
 
 def relu_backward(dout, cache):
     """Gradient of ReLU: ``dx = dout * 1[x > 0]``. Returns ``dx``."""
-    x = cache
+    be, x = cache
     dout = check_float_array("dout", dout)
     check_same_shape("dout", dout, "the forward output", x)
-    if get_backend() == "numpy":
-        return relu_backward_numpy(dout, x)
-    return _elementwise(_relu_backward_cpu, _relu_backward_cuda if cuda else None, dout, x)
+    return be.output(be.op("relu_backward")(be.asarray(dout), x), dout)
 
 
 def sigmoid_forward(x):
@@ -177,18 +199,14 @@ def sigmoid_forward(x):
     Returns ``(out, cache)``; ``out`` has the shape and dtype of ``x``.
     """
     x = check_float_array("x", x)
-    if get_backend() == "numpy":
-        out = sigmoid_numpy(x)
-    else:
-        out = _elementwise(_sigmoid_forward_cpu, _sigmoid_forward_cuda if cuda else None, x)
-    return out, out
+    be = current_backend()
+    out = be.op("sigmoid_forward")(be.asarray(x))
+    return be.output(out, x), (be, out)
 
 
 def sigmoid_backward(dout, cache):
     """Gradient of the sigmoid: ``dx = dout * y * (1 - y)``. Returns ``dx``."""
-    y = cache
+    be, y = cache
     dout = check_float_array("dout", dout)
     check_same_shape("dout", dout, "the forward output", y)
-    if get_backend() == "numpy":
-        return sigmoid_backward_numpy(dout, y)
-    return _elementwise(_sigmoid_backward_cpu, _sigmoid_backward_cuda if cuda else None, dout, y)
+    return be.output(be.op("sigmoid_backward")(be.asarray(dout), y), dout)

@@ -56,8 +56,9 @@ So both layers need only a handful of operations: im2col, col2im, a GEMM
 (as ``A @ B``, ``A @ B^T`` and ``A^T @ B``), the permutation between NCHW
 and the ``(C, N L)`` layout of ``cols`` (with the bias added on the way
 back), adding a bias, and the bias gradient. Each backend provides them
-(``_NumpyOps``, ``_CpuOps``, ``_CudaOps``); the two layers are written once
-on top of them.
+as one table (``_NumpyOps``, ``_CpuOps``, ``_CudaOps``, registered with the
+backend objects as ``"conv.ops"``); the two layers are written once on top
+of whichever table the current backend holds.
 
 Backends:
 
@@ -89,7 +90,7 @@ from minimask import _cuda
 from minimask._checks import (check_float_array, check_nonnegative_int, check_positive_int,
                               check_same_dtype, is_device_array, pair)
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # The geometry of one convolution: an "image" (N, C, H, W), read through a
 # (kh, kw) window with stride (sh, sw) and padding (ph, pw), giving a grid of
@@ -535,8 +536,10 @@ class _CudaOps:
         return dW.reshape(*w.shape)
 
 
-def _ops():
-    return {"numpy": _NumpyOps, "cpu": _CpuOps, "cuda": _CudaOps}[get_backend()]
+NUMPY.register("conv.ops", _NumpyOps)
+CPU.register("conv.ops", _CpuOps)
+if cuda is not None:
+    CUDA.register("conv.ops", _CudaOps)
 
 
 # --------------------------------------------------------------------------
@@ -567,13 +570,6 @@ def _check_bias(b, n_out, x, name_of_size):
     return b
 
 
-def _prepare_for_backend(*arrays):
-    """On "cuda", copy host arrays to the device (None passes through)."""
-    if get_backend() != "cuda":
-        return arrays
-    return tuple(None if a is None else _cuda.to_device(a) for a in arrays)
-
-
 def _check_dout(dout, shape, dtype):
     dout = check_float_array("dout", dout, ndim=4, what="(N, C, H, W)")
     if tuple(dout.shape) != tuple(shape):
@@ -587,13 +583,6 @@ def _check_dout(dout, shape, dtype):
         # layer keeps float32 gradients (and float64 stays float64).
         dout = dout.astype(dtype)
     return dout
-
-
-def _outputs(like, *arrays):
-    """Results as the caller gave its input: host for host, device for device."""
-    if get_backend() != "cuda":
-        return arrays
-    return tuple(None if a is None else _cuda.to_output(a, like) for a in arrays)
 
 
 # --------------------------------------------------------------------------
@@ -631,15 +620,16 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
         raise ValueError(f"conv2d output would be empty: x {tuple(x.shape)} with kernel "
                          f"({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw})")
     g = Geometry(N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW)
-    ops = _ops()
-    d_x, d_w, d_b = _prepare_for_backend(x, w, b)
+    be = current_backend()
+    ops = be.op("conv.ops")
+    d_x, d_w, d_b = be.asarray(x), be.asarray(w), be.asarray(b)
 
     cols = ops.im2col(d_x, g)                        # (C kh kw, N OH OW)
     W2 = ops.weight_matrix(d_w)                      # (F, C kh kw)
     out2 = ops.matmul(W2, cols)                      # (F, N OH OW)
     out = ops.from_rows(out2, d_b, N, OH, OW)        # (N, F, OH, OW) + b
-    cache = (cols, W2, d_w, b is not None, g)
-    return _outputs(x, out)[0], cache
+    cache = (be, cols, W2, d_w, b is not None, g)
+    return be.output(out, x), cache
 
 
 def conv2d_backward(dout, cache):
@@ -654,18 +644,18 @@ def conv2d_backward(dout, cache):
 
         dW = dout2 @ cols^T,  dx = col2im(W^T @ dout2),  db[f] = sum dout[:, f]
     """
-    cols, W2, w, has_bias, g = cache
+    be, cols, W2, w, has_bias, g = cache
     F = W2.shape[0]
     dout = _check_dout(dout, (g.N, F, g.OH, g.OW), W2.dtype)
-    ops = _ops()
-    (d_dout,) = _prepare_for_backend(dout)
+    ops = be.op("conv.ops")
+    d_dout = be.asarray(dout)
 
     dout2 = ops.to_rows(d_dout)                              # (F, N OH OW)
     dw = ops.like_weight(ops.matmul(dout2, cols, trans_b=True), w)
     dcols = ops.matmul(W2, dout2, trans_a=True)              # (C kh kw, N OH OW)
     dx = ops.col2im(dcols, g)
     db = ops.bias_grad(d_dout) if has_bias else None
-    return _outputs(dout, dx, dw, db)
+    return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
 
 
 def conv_transpose2d_forward(x, w, b, stride=2, padding=0):
@@ -702,8 +692,9 @@ def conv_transpose2d_forward(x, w, b, stride=2, padding=0):
                          f"kernel ({kh}, {kw}), stride ({sh}, {sw}), padding ({ph}, {pw})")
     # The convolution from the output back to x: image (H_out, W_out), grid (H, W).
     g = Geometry(N, C_out, H_out, W_out, kh, kw, sh, sw, ph, pw, H, W)
-    ops = _ops()
-    d_x, d_w, d_b = _prepare_for_backend(x, w, b)
+    be = current_backend()
+    ops = be.op("conv.ops")
+    d_x, d_w, d_b = be.asarray(x), be.asarray(w), be.asarray(b)
 
     x2 = ops.to_rows(d_x)                            # (C_in, N H W)
     W2 = ops.weight_matrix(d_w)                      # (C_in, C_out kh kw)
@@ -711,8 +702,8 @@ def conv_transpose2d_forward(x, w, b, stride=2, padding=0):
     out = ops.col2im(cols, g)                        # (N, C_out, H_out, W_out)
     if b is not None:
         ops.add_bias(out, d_b)
-    cache = (x2, W2, d_w, b is not None, g)
-    return _outputs(x, out)[0], cache
+    cache = (be, x2, W2, d_w, b is not None, g)
+    return be.output(out, x), cache
 
 
 def conv_transpose2d_backward(dout, cache):
@@ -727,13 +718,13 @@ def conv_transpose2d_backward(dout, cache):
 
         dcols = im2col(dout),  dx2 = W @ dcols,  dW = x2 @ dcols^T
     """
-    x2, W2, w, has_bias, g = cache
+    be, x2, W2, w, has_bias, g = cache
     dout = _check_dout(dout, (g.N, g.C, g.H, g.W), W2.dtype)
-    ops = _ops()
-    (d_dout,) = _prepare_for_backend(dout)
+    ops = be.op("conv.ops")
+    d_dout = be.asarray(dout)
 
     dcols = ops.im2col(d_dout, g)                            # (C_out kh kw, N H W)
     dx = ops.from_rows(ops.matmul(W2, dcols), None, g.N, g.OH, g.OW)
     dw = ops.like_weight(ops.matmul(x2, dcols, trans_b=True), w)
     db = ops.bias_grad(d_dout) if has_bias else None
-    return _outputs(dout, dx, dw, db)
+    return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)

@@ -82,7 +82,7 @@ from numba import float64, njit, prange
 from minimask import _cuda
 from minimask._checks import check_float_array, check_same_shape, is_device_array
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -303,21 +303,20 @@ def host_as(name, a, like_name, like):
     return np.ascontiguousarray(a, dtype=like.dtype)
 
 
-def finish_reduction(total, n, reduction, like, on_device):
+def finish_reduction(total, n, reduction, dtype, on_device):
     """Turn a float64 ``total`` into the value ``*_forward`` returns for
-    "sum"/"mean": a 0-d array of the dtype of ``like``. ``total`` is a Python
-    float (cpu) or, with ``on_device``, a 1-element float64 device array
-    (cuda); then a device ``like`` gets a device 0-d array back."""
+    "sum"/"mean": a 0-d array of ``dtype``. ``total`` is a Python float
+    (cpu) or, with ``on_device``, a 1-element float64 device array (cuda);
+    then the result is a device 0-d array (``Backend.output`` brings it to
+    the host for a caller that passed host arrays)."""
     scale = 1.0
     if reduction == "mean":
         scale = 1.0 / n if n else 0.0
     if not on_device:
-        return np.asarray(total * scale, dtype=like.dtype)
-    if is_device_array(like):
-        out = cuda.device_array(1, dtype=like.dtype)
-        _store_total_cuda[1, THREADS_PER_BLOCK](total, scale, out)
-        return out.reshape(())
-    return np.asarray(total.copy_to_host()[0] * scale, dtype=like.dtype)
+        return np.asarray(total * scale, dtype=dtype)
+    out = cuda.device_array(1, dtype=dtype)
+    _store_total_cuda[1, THREADS_PER_BLOCK](total, scale, out)
+    return out.reshape(())
 
 
 def scalar_dout(dout):
@@ -334,52 +333,135 @@ def scalar_dout(dout):
     return float(dout)
 
 
-def scale_gradient(grad, dout, reduction, on_device):
-    """``dx = dout * grad`` on whichever side ``grad`` lives (host: Numba CPU
-    kernels; device: CUDA kernels), with ``1/n`` for "mean". ``grad`` is the
-    local derivative the fused forward stored; ``dout`` is an array of its
-    shape for "none" and a scalar otherwise. The result has grad's dtype.
-    ``on_device`` says where ``grad`` lives (the CUDA simulator's arrays do
-    not look like device arrays, so we do not guess)."""
-    n = grad.size
+def upstream(dout, reduction, shape, be):
+    """Check ``dout`` against the loss it differentiates: for "none" an
+    array of the loss's shape, brought to backend ``be``; otherwise a scalar,
+    returned as a Python float."""
     if reduction == "none":
         dout = check_float_array("dout", dout)
-        check_same_shape("dout", dout, "the loss", grad)
+        if tuple(dout.shape) != tuple(shape):
+            raise ValueError(f"dout must have the shape of the loss {tuple(shape)}, "
+                             f"got {tuple(dout.shape)}")
+        return be.asarray(dout)
+    return scalar_dout(dout)
+
+
+def _scale_gradient_cpu(grad, dout, reduction):
+    """``dx = dout * grad`` (``dout`` an array for "none", else a float),
+    with ``1/n`` for "mean", by the Numba kernels; grad's dtype."""
+    n = grad.size
+    flat = grad.reshape(-1)
+    out = np.empty_like(flat)
+    if reduction == "none":
+        _multiply_cpu(flat, np.ascontiguousarray(dout, dtype=grad.dtype).reshape(-1), out)
     else:
-        scale = scalar_dout(dout)
-        if reduction == "mean":
-            scale = scale / n if n else 0.0
-    if not on_device:
-        flat = grad.reshape(-1)
-        out = np.empty_like(flat)
-        if reduction == "none":
-            d = np.ascontiguousarray(dout, dtype=grad.dtype).reshape(-1)
-            _multiply_cpu(flat, d, out)
-        else:
-            _scale_cpu(flat, scale, out)
-        return out.reshape(grad.shape)
+        scale = dout / n if reduction == "mean" and n else (0.0 if reduction == "mean" else dout)
+        _scale_cpu(flat, scale, out)
+    return out.reshape(grad.shape)
+
+
+def _scale_gradient_cuda(grad, dout, reduction):
+    """The same on the device (``grad`` and an array ``dout`` device arrays)."""
+    n = grad.size
     out = cuda.device_array(grad.shape, dtype=grad.dtype)
     if n:
         if reduction == "none":
-            d = _cuda.to_device(dout)
-            _multiply_cuda[blocks_for(n), THREADS_PER_BLOCK](grad.reshape(n), d.reshape(n),
+            _multiply_cuda[blocks_for(n), THREADS_PER_BLOCK](grad.reshape(n), dout.reshape(n),
                                                              out.reshape(n))
         else:
+            scale = dout / n if reduction == "mean" else dout
             _scale_cuda[blocks_for(n), THREADS_PER_BLOCK](grad.reshape(n), scale, out.reshape(n))
     return out
 
 
-class LossCache:
-    """What a loss's backward needs. Fast paths fill ``grad`` (the local
-    derivative, host or device); the NumPy path keeps the inputs instead."""
+def loss_backward_numpy(grad_numpy):
+    """The NumPy backward of an elementwise loss whose local derivative is
+    ``grad_numpy(*inputs)``: it is evaluated here, from the stored inputs."""
+    def backward(inputs, dout, reduction):
+        local = grad_numpy(*inputs)
+        if reduction == "none":
+            return (dout * local).astype(local.dtype, copy=False)
+        scale = dout
+        if reduction == "mean":
+            scale = scale / local.size if local.size else 0.0
+        return (local * local.dtype.type(scale)).astype(local.dtype, copy=False)
+    return backward
 
-    def __init__(self, reduction, shape, grad=None, inputs=None, like=None, on_device=False):
+
+class LossCache:
+    """What a loss's backward needs: the backend that ran the forward, the
+    reduction, the loss's shape, ``state`` - the local gradient (fast
+    backends, host or device) or the inputs (the NumPy reference) - and
+    whether the caller's input was a host array (then so is the gradient)."""
+
+    def __init__(self, be, reduction, shape, state, like):
+        self.backend = be
         self.reduction = reduction
-        self.on_device = on_device  # grad is a device array (the cuda backend)
         self.shape = shape
-        self.grad = grad
-        self.inputs = inputs
-        self.like = like  # the caller's logits, to return host or device arrays
+        self.state = state
+        self.host_input = not be.on_device or not be.is_native(like)
+
+
+def loss_backward(dout, cache, op):
+    """Backward shared by the losses: run ``op`` (registered per backend,
+    taking ``(state, dout, reduction)``) on the forward's backend; the
+    gradient lives where the forward's input did."""
+    be = cache.backend
+    d = upstream(dout, cache.reduction, cache.shape, be)
+    dx = be.op(op)(cache.state, d, cache.reduction)
+    return be.to_host(dx) if cache.host_input else dx
+
+
+# --------------------------------------------------------------------------
+# The focal loss on each backend: forward (x, t, w, alpha, gamma, reduction)
+# -> (loss, state); backward (state, dout, reduction) -> dx
+# --------------------------------------------------------------------------
+
+
+def _focal_forward_numpy(x, t, w, alpha, gamma, reduction):
+    loss = focal_loss_numpy(x, t, w, alpha, gamma)
+    return reduce_numpy(loss, reduction), (x, t, w, alpha, gamma)
+
+
+def _focal_forward_fast_cpu(x, t, w, alpha, gamma, reduction):
+    has_weights = w is not None
+    xf = np.ascontiguousarray(x).reshape(-1)
+    tf = np.ascontiguousarray(t, dtype=x.dtype).reshape(-1)
+    wf = np.ascontiguousarray(w, dtype=x.dtype).reshape(-1) if has_weights else xf[:1]
+    loss = np.empty_like(xf)
+    grad = np.empty_like(xf)
+    total = _focal_forward_cpu(xf, tf, wf, has_weights, alpha, gamma, loss, grad)
+    grad = grad.reshape(x.shape)
+    if reduction == "none":
+        return loss.reshape(x.shape), grad
+    return finish_reduction(total, x.size, reduction, x.dtype, False), grad
+
+
+def _focal_forward_fast_cuda(x, t, w, alpha, gamma, reduction):
+    has_weights = w is not None
+    n = x.size
+    d_w = w if has_weights else _cuda.device_zeros(1, x.dtype)
+    loss = cuda.device_array(x.shape, dtype=x.dtype)
+    grad = cuda.device_array(x.shape, dtype=x.dtype)
+    total = _cuda.device_zeros(1, np.float64)
+    if n:
+        _focal_forward_cuda[blocks_for(n), THREADS_PER_BLOCK](
+            x.reshape(n), t.reshape(n), d_w.reshape(d_w.size), has_weights,
+            alpha, gamma, loss.reshape(n), grad.reshape(n), total)
+    if reduction == "none":
+        return loss, grad
+    return finish_reduction(total, n, reduction, x.dtype, True), grad
+
+
+NUMPY.register("sigmoid_focal_loss_forward", _focal_forward_numpy)
+NUMPY.register("sigmoid_focal_loss_backward", loss_backward_numpy(focal_loss_grad_numpy))
+CPU.register("sigmoid_focal_loss_forward", _focal_forward_fast_cpu)
+CPU.register("sigmoid_focal_loss_backward", _scale_gradient_cpu)
+CPU.register("loss.scale_gradient", _scale_gradient_cpu)
+if cuda is not None:
+    CUDA.register("sigmoid_focal_loss_forward", _focal_forward_fast_cuda)
+    CUDA.register("sigmoid_focal_loss_backward", _scale_gradient_cuda)
+    CUDA.register("loss.scale_gradient", _scale_gradient_cuda)
 
 
 # --------------------------------------------------------------------------
@@ -420,40 +502,11 @@ def sigmoid_focal_loss_forward(logits, targets, alpha=0.25, gamma=2.0, weights=N
             np.all(targets >= 0) and np.all(targets <= 1)):
         raise ValueError("targets must lie in [0, 1] (1 for the anchor's class, 0 elsewhere)")
 
-    backend = get_backend()
-    if backend == "numpy":
-        loss = focal_loss_numpy(logits, targets, weights, alpha, gamma)
-        cache = LossCache(reduction, logits.shape,
-                          inputs=(logits, targets, weights, alpha, gamma))
-        return reduce_numpy(loss, reduction), cache
-
-    n = logits.size
-    has_weights = weights is not None
-    if backend == "cpu":
-        x = np.ascontiguousarray(logits).reshape(-1)
-        t = targets.reshape(-1)
-        w = weights.reshape(-1) if has_weights else x[:1]
-        loss = np.empty_like(x)
-        grad = np.empty_like(x)
-        total = _focal_forward_cpu(x, t, w, has_weights, alpha, gamma, loss, grad)
-        loss, grad = loss.reshape(logits.shape), grad.reshape(logits.shape)
-    else:
-        d_x = _cuda.to_device(logits)
-        d_t = _cuda.to_device(targets)
-        d_w = _cuda.to_device(weights) if has_weights else _cuda.device_zeros(1, d_x.dtype)
-        loss = cuda.device_array(d_x.shape, dtype=d_x.dtype)
-        grad = cuda.device_array(d_x.shape, dtype=d_x.dtype)
-        total = _cuda.device_zeros(1, np.float64)
-        if n:
-            _focal_forward_cuda[blocks_for(n), THREADS_PER_BLOCK](
-                d_x.reshape(n), d_t.reshape(n), d_w.reshape(d_w.size), has_weights,
-                alpha, gamma, loss.reshape(n), grad.reshape(n), total)
-    cache = LossCache(reduction, logits.shape, grad=grad, like=logits,
-                      on_device=backend == "cuda")
-    if reduction == "none":
-        out = loss if backend == "cpu" else _cuda.to_output(loss, logits)
-        return out, cache
-    return finish_reduction(total, n, reduction, logits, backend == "cuda"), cache
+    be = current_backend()
+    loss, state = be.op("sigmoid_focal_loss_forward")(
+        be.asarray(logits), be.asarray(targets), be.asarray(weights), alpha, gamma, reduction)
+    cache = LossCache(be, reduction, tuple(logits.shape), state, logits)
+    return be.output(loss, logits), cache
 
 
 def sigmoid_focal_loss_backward(dout, cache):
@@ -468,21 +521,4 @@ def sigmoid_focal_loss_backward(dout, cache):
     ``dout * w alpha_t q^gamma [(p - t) + gamma ce (1 - 2t) p(1-p)/q]`` with
     ``q = 1 - p_t`` (divided by the element count for "mean").
     """
-    return loss_backward(dout, cache, focal_loss_grad_numpy)
-
-
-def loss_backward(dout, cache, grad_numpy):
-    """Backward shared by the elementwise losses: the NumPy path evaluates
-    ``grad_numpy(*cache.inputs)``; fast paths scale the stored local grad."""
-    if cache.grad is not None:
-        dx = scale_gradient(cache.grad, dout, cache.reduction, cache.on_device)
-        return _cuda.to_output(dx, cache.like) if cache.on_device else dx
-    local = grad_numpy(*cache.inputs)
-    if cache.reduction == "none":
-        dout = check_float_array("dout", dout)
-        check_same_shape("dout", dout, "the loss", local)
-        return (dout * local).astype(local.dtype, copy=False)
-    scale = scalar_dout(dout)
-    if cache.reduction == "mean":
-        scale = scale / local.size if local.size else 0.0
-    return (local * local.dtype.type(scale)).astype(local.dtype, copy=False)
+    return loss_backward(dout, cache, "sigmoid_focal_loss_backward")

@@ -77,9 +77,15 @@ BN = 128   # columns of C per block
 BK = 8     # depth of one shared-memory slice
 TM = 8     # rows of C per thread
 TN = 8     # columns of C per thread
+if _cuda.SIMULATED:
+    # The simulator runs each thread in Python: the same kernel with 32 x 32
+    # tiles of 4 x 4 micro-tiles (64 threads) keeps a model step quick there,
+    # and tiny test matrices then span several tiles, so the edge handling is
+    # exercised too. A GPU always gets the sizes above.
+    BM, BN, TM, TN = 32, 32, 4, 4
 PAD = 4    # padding of each shared row (see the plan above)
 
-THREADS = (BM // TM) * (BN // TN)   # 256 threads per block
+THREADS = (BM // TM) * (BN // TN)   # 256 threads per block (64 simulated)
 A_LOADS = BM * BK // THREADS        # elements of the A slice each thread copies
 B_LOADS = BK * BN // THREADS
 ROW_STEP = BM // TM                 # stride between the rows a thread owns

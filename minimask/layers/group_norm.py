@@ -74,7 +74,7 @@ from numba import njit, prange
 from minimask import _cuda
 from minimask._checks import check_float_array, check_positive_int, check_same_dtype, check_same_shape
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
 # NumPy reference
@@ -355,8 +355,7 @@ def _forward_cuda(x, gamma, beta, G, eps):
         threads = _block_size(d_x.shape[1])
         _gn_forward_cuda[N * G, threads](d_x, d_gamma, d_beta, G, C // G, H * W, eps,
                                          d_out, d_mean, d_rstd)
-    return (_cuda.to_output(d_out.reshape(N, C, H, W), x),
-            d_mean.reshape(N, G), d_rstd.reshape(N, G))
+    return d_out.reshape(N, C, H, W), d_mean.reshape(N, G), d_rstd.reshape(N, G)
 
 
 def _backward_cuda(dout, x, gamma, mean, rstd, G):
@@ -380,13 +379,16 @@ def _backward_cuda(dout, x, gamma, mean, rstd, G):
     if C:   # N = 0 leaves the partials empty and the sums zero
         threads = _block_size(C)
         _sum_over_batch_cuda[blocks_for(C, threads), threads](d_sum_x, d_sum, d_dgamma, d_dbeta)
-    return (_cuda.to_output(d_dx.reshape(N, C, H, W), dout),
-            _cuda.to_output(d_dgamma, dout), _cuda.to_output(d_dbeta, dout))
+    return d_dx.reshape(N, C, H, W), d_dgamma, d_dbeta
 
 
-def _host(a):
-    """A host copy of ``a`` (device arrays are copied back)."""
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+NUMPY.register("group_norm_forward", group_norm_forward_numpy)
+NUMPY.register("group_norm_backward", group_norm_backward_numpy)
+CPU.register("group_norm_forward", _forward_cpu)
+CPU.register("group_norm_backward", _backward_cpu)
+if cuda is not None:
+    CUDA.register("group_norm_forward", _forward_cuda)
+    CUDA.register("group_norm_backward", _backward_cuda)
 
 
 # --------------------------------------------------------------------------
@@ -421,7 +423,7 @@ def group_norm_forward(x, gamma, beta, num_groups, eps=1e-5):
     where mu_ng and var_ng (biased) are taken over the C/G channels of group
     g and all of H, W, separately for each sample n.
     """
-    x = check_float_array("x", x, ndim=4, what="(N, C, H, W)")
+    x = like = check_float_array("x", x, ndim=4, what="(N, C, H, W)")
     gamma = _check_param("gamma", gamma, x)
     beta = _check_param("beta", beta, x)
     G = check_positive_int("num_groups", num_groups)
@@ -433,15 +435,11 @@ def group_norm_forward(x, gamma, beta, num_groups, eps=1e-5):
     eps = float(eps)
     if not eps >= 0.0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
-    backend = get_backend()
-    if backend == "numpy":
-        out, mean, rstd = group_norm_forward_numpy(x, gamma, beta, G, eps)
-    elif backend == "cpu":
-        out, mean, rstd = _forward_cpu(_host(x), _host(gamma), _host(beta), G, eps)
-    else:
-        out, mean, rstd = _forward_cuda(x, gamma, beta, G, eps)
-    cache = (x, gamma, mean, rstd, G)
-    return out, cache
+    be = current_backend()
+    x, gamma, beta_ = be.asarray(x), be.asarray(gamma), be.asarray(beta)
+    out, mean, rstd = be.op("group_norm_forward")(x, gamma, beta_, G, eps)
+    cache = (be, x, gamma, mean, rstd, G)
+    return be.output(out, like), cache
 
 
 def group_norm_backward(dout, cache):
@@ -458,17 +456,12 @@ def group_norm_backward(dout, cache):
         dgamma_c = sum_{n,h,w} dout * xhat
         dx       = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dout * gamma_c
     """
-    x, gamma, mean, rstd, G = cache
+    be, x, gamma, mean, rstd, G = cache
     dout = check_float_array("dout", dout)
     check_same_shape("dout", dout, "x", x)
     if dout.dtype != x.dtype:
         if not isinstance(dout, np.ndarray):
             check_same_dtype("dout", dout, "x", x)  # no silent copy-and-cast on the device
         dout = dout.astype(x.dtype)
-    backend = get_backend()
-    if backend == "numpy":
-        return group_norm_backward_numpy(_host(dout), _host(x), _host(gamma),
-                                         _host(mean), _host(rstd), G)
-    if backend == "cpu":
-        return _backward_cpu(_host(dout), _host(x), _host(gamma), _host(mean), _host(rstd), G)
-    return _backward_cuda(dout, x, gamma, mean, rstd, G)
+    dx, dgamma, dbeta = be.op("group_norm_backward")(be.asarray(dout), x, gamma, mean, rstd, G)
+    return be.output(dx, dout), be.output(dgamma, dout), be.output(dbeta, dout)

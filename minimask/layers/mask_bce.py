@@ -52,7 +52,7 @@ from numba import njit, prange
 from minimask import _cuda
 from minimask._checks import check_float_array, is_device_array
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 from minimask.layers.activations import sigmoid_numpy
 from minimask.layers.focal_loss import (bce_terms_cpu, bce_terms_cuda, bce_with_logits_numpy,
                                         block_sum_into, finish_reduction, scalar_dout)
@@ -186,14 +186,76 @@ def _check_targets(targets, mask_logits):
     return np.ascontiguousarray(targets, dtype=mask_logits.dtype)
 
 
-class _MaskBCECache:
-    def __init__(self, shape, labels, grad=None, inputs=None, like=None, on_device=False):
-        self.shape = shape      # (R, K, m, m)
-        self.on_device = on_device  # grad and labels are device arrays
-        self.labels = labels
-        self.grad = grad        # fast paths: sigmoid(x) - y, (R, m, m)
-        self.inputs = inputs    # NumPy path: (mask_logits, labels, targets)
-        self.like = like
+# --------------------------------------------------------------------------
+# Registration: forward (x, labels, y) -> (loss, state), backward
+# (state, dout, shape) -> dx, with dout the upstream scalar
+# --------------------------------------------------------------------------
+
+
+def _forward_numpy(x, labels, y):
+    return mask_bce_numpy(x, labels, y), (x, labels, y)
+
+
+def _backward_numpy(state, dout, shape):
+    return mask_bce_grad_numpy(dout, *state)
+
+
+def _per_element(dout, shape):
+    R, K, H, W = shape
+    return dout / (R * H * W) if R * H * W else dout
+
+
+def _forward_cpu(x, labels, y):
+    R, K, H, W = x.shape
+    mm = H * W
+    grad = np.empty(R * mm, dtype=x.dtype)
+    total = _mask_bce_forward_cpu(np.ascontiguousarray(x).reshape(-1),
+                                  np.ascontiguousarray(labels, dtype=np.int64),
+                                  np.ascontiguousarray(y, dtype=x.dtype).reshape(-1),
+                                  K, mm, grad)
+    return finish_reduction(total, R * mm, "mean", x.dtype, False), (grad, labels)
+
+
+def _backward_cpu(state, dout, shape):
+    grad, labels = state
+    R, K, H, W = shape
+    scale = _per_element(dout, shape)
+    dx = np.empty(R * K * H * W, dtype=grad.dtype)
+    _mask_bce_backward_cpu(grad, np.ascontiguousarray(labels, dtype=np.int64), K, H * W,
+                           scale, dx)
+    return dx.reshape(shape)
+
+
+def _forward_cuda(x, labels, y):
+    R, K, H, W = x.shape
+    mm = H * W
+    n = R * mm
+    grad = cuda.device_array(n, dtype=x.dtype)
+    total = _cuda.device_zeros(1, np.float64)
+    if n:
+        _mask_bce_forward_cuda[blocks_for(n), THREADS_PER_BLOCK](
+            x.reshape(x.size), labels, y.reshape(n), K, mm, grad, total)
+    return finish_reduction(total, n, "mean", x.dtype, True), (grad, labels)
+
+
+def _backward_cuda(state, dout, shape):
+    grad, labels = state
+    R, K, H, W = shape
+    scale = _per_element(dout, shape)
+    dx = cuda.device_array(R * K * H * W, dtype=grad.dtype)
+    if dx.size:
+        _mask_bce_backward_cuda[blocks_for(dx.size), THREADS_PER_BLOCK](
+            grad, labels, K, H * W, scale, dx)
+    return dx.reshape(shape)
+
+
+NUMPY.register("mask_bce_forward", _forward_numpy)
+NUMPY.register("mask_bce_backward", _backward_numpy)
+CPU.register("mask_bce_forward", _forward_cpu)
+CPU.register("mask_bce_backward", _backward_cpu)
+if cuda is not None:
+    CUDA.register("mask_bce_forward", _forward_cuda)
+    CUDA.register("mask_bce_backward", _backward_cuda)
 
 
 # --------------------------------------------------------------------------
@@ -219,31 +281,12 @@ def mask_bce_forward(mask_logits, labels, targets):
     labels = _check_labels(labels, R, K)
     targets = _check_targets(targets, mask_logits)
 
-    backend = get_backend()
-    if backend == "numpy":
-        loss = mask_bce_numpy(mask_logits, labels, targets)
-        return loss, _MaskBCECache(mask_logits.shape, labels,
-                                   inputs=(mask_logits, labels, targets))
-
-    mm = H * W
-    n = R * mm
-    if backend == "cpu":
-        x = np.ascontiguousarray(mask_logits).reshape(-1)
-        grad = np.empty(n, dtype=mask_logits.dtype)
-        total = _mask_bce_forward_cpu(x, labels, targets.reshape(-1), K, mm, grad)
-    else:
-        d_x = _cuda.to_device(mask_logits)
-        d_labels = _cuda.to_device(labels)
-        d_y = _cuda.to_device(targets)
-        grad = cuda.device_array(n, dtype=d_x.dtype)
-        total = _cuda.device_zeros(1, np.float64)
-        if n:
-            _mask_bce_forward_cuda[blocks_for(n), THREADS_PER_BLOCK](
-                d_x.reshape(d_x.size), d_labels, d_y.reshape(n), K, mm, grad, total)
-        labels = d_labels
-    loss = finish_reduction(total, n, "mean", mask_logits, backend == "cuda")
-    return loss, _MaskBCECache(mask_logits.shape, labels, grad=grad, like=mask_logits,
-                               on_device=backend == "cuda")
+    be = current_backend()
+    loss, state = be.op("mask_bce_forward")(be.asarray(mask_logits), be.asarray(labels),
+                                            be.asarray(targets))
+    cache = (be, tuple(mask_logits.shape), state,
+             not be.on_device or not be.is_native(mask_logits))
+    return be.output(loss, mask_logits), cache
 
 
 def mask_bce_backward(dout, cache):
@@ -257,20 +300,6 @@ def mask_bce_backward(dout, cache):
     ``dout (sigmoid(x) - y) / (R m^2)`` on channel ``labels[r]`` of RoI r and
     exactly 0 on every other channel.
     """
-    scale = scalar_dout(dout)
-    if cache.inputs is not None:
-        return mask_bce_grad_numpy(scale, *cache.inputs)
-    R, K, H, W = cache.shape
-    mm = H * W
-    if R * mm:
-        scale = scale / (R * mm)
-    grad = cache.grad
-    if not cache.on_device:
-        dx = np.empty(R * K * mm, dtype=grad.dtype)
-        _mask_bce_backward_cpu(grad, cache.labels, K, mm, scale, dx)
-        return dx.reshape(cache.shape)
-    dx = cuda.device_array(R * K * mm, dtype=grad.dtype)
-    if dx.size:
-        _mask_bce_backward_cuda[blocks_for(dx.size), THREADS_PER_BLOCK](
-            grad, cache.labels, K, mm, scale, dx)
-    return _cuda.to_output(dx.reshape(cache.shape), cache.like)
+    be, shape, state, host_input = cache
+    dx = be.op("mask_bce_backward")(state, scalar_dout(dout), shape)
+    return be.to_host(dx) if host_input else dx

@@ -49,8 +49,8 @@ from numba import njit, prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, check_nonnegative_int, check_same_shape, pair
-from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask._cuda import cuda
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 
 def pooled_size(size, k, s, p):
@@ -178,12 +178,73 @@ if cuda is not None:
 
 
 # --------------------------------------------------------------------------
-# Public API
+# Registration: each backend's forward (x, kernel, stride, padding) ->
+# (out, argmax) and backward (dout, argmax, x_shape) -> dx, on its arrays
 # --------------------------------------------------------------------------
 
-
 _launch = _cuda.launch_config
-_host = _cuda.to_host
+
+
+def _forward_cpu(x, kernel, stride, padding):
+    N, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    Ho, Wo = pooled_size(H, kh, sh, ph), pooled_size(W, kw, sw, pw)
+    x2 = np.ascontiguousarray(x).reshape(N * C, H * W)
+    out = np.empty((N * C, Ho, Wo), dtype=x2.dtype)
+    argmax = np.empty((N * C, Ho, Wo), dtype=np.int64)
+    _max_pool_forward_cpu(x2, H, W, kh, kw, sh, sw, ph, pw, out, argmax)
+    return out.reshape(N, C, Ho, Wo), argmax.reshape(N, C, Ho, Wo)
+
+
+def _backward_cpu(dout, argmax, x_shape):
+    N, C, H, W = x_shape
+    Ho, Wo = argmax.shape[2], argmax.shape[3]
+    dx = np.zeros((N * C, H * W), dtype=dout.dtype)
+    _max_pool_backward_cpu(np.ascontiguousarray(dout).reshape(N * C, Ho, Wo),
+                           np.ascontiguousarray(argmax).reshape(N * C, Ho, Wo), dx)
+    return dx.reshape(N, C, H, W)
+
+
+def _forward_cuda(x, kernel, stride, padding):
+    N, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    Ho, Wo = pooled_size(H, kh, sh, ph), pooled_size(W, kw, sw, pw)
+    d_x = x.reshape(N * C, H * W)
+    d_out = cuda.device_array((N * C, Ho, Wo), dtype=d_x.dtype)
+    d_arg = cuda.device_array((N * C, Ho, Wo), dtype=np.int64)
+    n_out = N * C * Ho * Wo
+    if n_out:
+        _max_pool_forward_cuda[_launch(n_out)](d_x, H, W, kh, kw, sh, sw, ph, pw, d_out, d_arg)
+    return d_out.reshape(N, C, Ho, Wo), d_arg.reshape(N, C, Ho, Wo)
+
+
+def _backward_cuda(dout, argmax, x_shape):
+    N, C, H, W = x_shape
+    Ho, Wo = argmax.shape[2], argmax.shape[3]
+    d_dout = dout.reshape(N * C, Ho, Wo)
+    d_arg = argmax.reshape(N * C, Ho, Wo)
+    d_dx = cuda.device_array((N * C, H * W), dtype=dout.dtype)
+    n_in = N * C * H * W
+    if n_in:  # zero it first: the backward kernel accumulates into it
+        _cuda._fill_zero[_launch(n_in)](d_dx.reshape(n_in))
+    n_out = N * C * Ho * Wo
+    if n_out:
+        _max_pool_backward_cuda[_launch(n_out)](d_dout, d_arg, d_dx)
+    return d_dx.reshape(N, C, H, W)
+
+
+NUMPY.register("max_pool2d_forward", max_pool2d_forward_numpy)
+NUMPY.register("max_pool2d_backward", max_pool2d_backward_numpy)
+CPU.register("max_pool2d_forward", _forward_cpu)
+CPU.register("max_pool2d_backward", _backward_cpu)
+if cuda is not None:
+    CUDA.register("max_pool2d_forward", _forward_cuda)
+    CUDA.register("max_pool2d_backward", _backward_cuda)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
 
 
 def _check_geometry(x_shape, kernel_size, stride, padding):
@@ -227,26 +288,9 @@ def max_pool2d_forward(x, kernel_size, stride, padding=0):
     N, C, H, W = x.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     Ho, Wo = pooled_size(H, kh, sh, ph), pooled_size(W, kw, sw, pw)
-    backend = get_backend()
-    if backend == "numpy":
-        out, argmax = max_pool2d_forward_numpy(x, kernel, stride, padding)
-    elif backend == "cpu":
-        x2 = np.ascontiguousarray(_host(x)).reshape(N * C, H * W)
-        out = np.empty((N * C, Ho, Wo), dtype=x2.dtype)
-        argmax = np.empty((N * C, Ho, Wo), dtype=np.int64)
-        _max_pool_forward_cpu(x2, H, W, kh, kw, sh, sw, ph, pw, out, argmax)
-        out, argmax = out.reshape(N, C, Ho, Wo), argmax.reshape(N, C, Ho, Wo)
-    else:
-        d_x = _cuda.to_device(x).reshape(N * C, H * W)
-        d_out = cuda.device_array((N * C, Ho, Wo), dtype=d_x.dtype)
-        d_arg = cuda.device_array((N * C, Ho, Wo), dtype=np.int64)
-        n_out = N * C * Ho * Wo
-        if n_out:
-            _max_pool_forward_cuda[_launch(n_out)](
-                d_x, H, W, kh, kw, sh, sw, ph, pw, d_out, d_arg)
-        out = _cuda.to_output(d_out.reshape(N, C, Ho, Wo), x)
-        argmax = d_arg.reshape(N, C, Ho, Wo)
-    return out, (argmax, tuple(x.shape), x.dtype)
+    be = current_backend()
+    out, argmax = be.op("max_pool2d_forward")(be.asarray(x), kernel, stride, padding)
+    return be.output(out, x), (argmax, tuple(x.shape), x.dtype, be)
 
 
 def max_pool2d_backward(dout, cache):
@@ -260,30 +304,12 @@ def max_pool2d_backward(dout, cache):
     ``dx[n, c, r, s] = sum of dout[n, c, i, j] over the windows (i, j)
     whose argmax is (r, s)``.
     """
-    argmax, x_shape, dtype = cache
+    argmax, x_shape, dtype, be = cache
     dout = check_float_array("dout", dout)
     check_same_shape("dout", dout, "the forward output", argmax)
     if dout.dtype != dtype:
         if not isinstance(dout, np.ndarray):
             raise ValueError(f"dout must have the dtype of x ({dtype}), got {dout.dtype}")
         dout = dout.astype(dtype)
-    N, C, H, W = x_shape
-    Ho, Wo = argmax.shape[2], argmax.shape[3]
-    backend = get_backend()
-    if backend == "numpy":
-        return max_pool2d_backward_numpy(_host(dout), _host(argmax), x_shape)
-    if backend == "cpu":
-        dx = np.zeros((N * C, H * W), dtype=dtype)
-        _max_pool_backward_cpu(np.ascontiguousarray(_host(dout)).reshape(N * C, Ho, Wo),
-                               np.ascontiguousarray(_host(argmax)).reshape(N * C, Ho, Wo), dx)
-        return dx.reshape(N, C, H, W)
-    d_dout = _cuda.to_device(dout).reshape(N * C, Ho, Wo)
-    d_arg = _cuda.to_device(argmax).reshape(N * C, Ho, Wo)
-    d_dx = cuda.device_array((N * C, H * W), dtype=dtype)
-    n_in = N * C * H * W
-    if n_in:  # zero it first: the backward kernel accumulates into it
-        _cuda._fill_zero[_launch(n_in)](d_dx.reshape(n_in))
-    n_out = N * C * Ho * Wo
-    if n_out:
-        _max_pool_backward_cuda[_launch(n_out)](d_dout, d_arg, d_dx)
-    return _cuda.to_output(d_dx.reshape(N, C, H, W), dout)
+    dx = be.op("max_pool2d_backward")(be.asarray(dout), argmax, x_shape)
+    return be.output(dx, dout)

@@ -92,9 +92,9 @@ import numpy as np
 from numba import njit, prange
 
 from minimask import _cuda
-from minimask._checks import check_float_array, is_device_array, pair
+from minimask._checks import check_float_array, pair
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 MODES = ("avg", "max")
 
@@ -106,11 +106,13 @@ CPU_CHANNEL_BLOCK = 32
 # --------------------------------------------------------------------------
 
 
-def _roi_axis(a1, a2, spatial_scale, aligned, pooled, sampling_ratio):
+def _roi_axis(a1, a2, spatial_scale, aligned, pooled, sampling_ratio, max_grid=0):
     """One axis of a RoI on the feature map: ``(start, bin_size, grid)``.
 
     ``a1, a2`` are the box edges in image pixels, ``pooled`` the number of
-    bins and ``grid`` the number of samples per bin along this axis.
+    bins and ``grid`` the number of samples per bin along this axis. An
+    adaptive grid (``sampling_ratio <= 0``) is capped at ``max_grid`` when
+    that is positive (see ``adaptive_grid_cap``).
     """
     offset = 0.5 if aligned else 0.0
     start = a1 * spatial_scale - offset
@@ -123,8 +125,28 @@ def _roi_axis(a1, a2, spatial_scale, aligned, pooled, sampling_ratio):
     if sampling_ratio > 0:
         grid = sampling_ratio
     else:
-        grid = int(math.ceil(extent / pooled))
+        per_bin = extent / pooled   # compared as a float: no int overflow
+        if max_grid > 0 and per_bin > max_grid:
+            grid = max_grid
+        else:
+            grid = int(math.ceil(per_bin))
     return start, bin_size, grid
+
+
+def adaptive_grid_cap(size):
+    """The most samples per bin an adaptive grid takes along an axis of
+    ``size`` feature pixels: ``size + 1``.
+
+    Why it is harmless: the adaptive rule takes ``ceil(extent / pooled)``
+    samples, so the cap changes nothing unless a single bin is wider than
+    ``size + 1`` pixels - a RoI more than ``pooled`` times as long as the
+    whole feature map. Every RoI that lies on the map (extent <= size) keeps
+    exactly torchvision's grid. Without it a degenerate RoI (say a box of
+    +-1e6 pixels) would ask for ~10^10 samples per bin and never return;
+    with it, such a RoI costs at most ``(size + 1)^2`` samples per bin, most
+    of them outside the map (worth 0).
+    """
+    return int(size) + 1
 
 
 def _sample_coord(start, bin_size, p, i, grid):
@@ -160,7 +182,7 @@ axis_weights_cpu, axis_weights_cuda = _cuda.compile_for_both(_axis_weights)
 
 
 def roi_align_sample_points(roi, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                            aligned=True):
+                            aligned=True, feature_shape=None):
     """Where RoIAlign samples the feature map for one RoI.
 
     Inputs:
@@ -168,6 +190,8 @@ def roi_align_sample_points(roi, output_size, spatial_scale=1.0, sampling_ratio=
       in a row of ``rois``, is allowed and ignored)
     - output_size: int or ``(ph, pw)``; spatial_scale, sampling_ratio,
       aligned: as in ``roi_align_forward``
+    - feature_shape: ``(H, W)`` of the map, to cap an adaptive grid as the
+      layer does (``adaptive_grid_cap``); None leaves it uncapped
     Returns ``(ys, xs)``, float64 arrays of shape ``(ph, pw, S)`` with
     ``S = gh * gw``: the feature-map coordinates of the samples of bin
     ``(i, j)``, sample ``s = iy * gw + ix``. These are the points the layer
@@ -181,8 +205,10 @@ def roi_align_sample_points(roi, output_size, spatial_scale=1.0, sampling_ratio=
     if roi.size != 4:
         raise ValueError(f"roi must be [x1, y1, x2, y2], got {roi.size} values")
     x1, y1, x2, y2 = (float(v) for v in roi)
-    start_y, bin_y, gh = _roi_axis(y1, y2, spatial_scale, aligned, ph, sampling_ratio)
-    start_x, bin_x, gw = _roi_axis(x1, x2, spatial_scale, aligned, pw, sampling_ratio)
+    cap_y, cap_x = (0, 0) if feature_shape is None else \
+        (adaptive_grid_cap(feature_shape[0]), adaptive_grid_cap(feature_shape[1]))
+    start_y, bin_y, gh = _roi_axis(y1, y2, spatial_scale, aligned, ph, sampling_ratio, cap_y)
+    start_x, bin_x, gw = _roi_axis(x1, x2, spatial_scale, aligned, pw, sampling_ratio, cap_x)
     y = np.array([[_sample_coord(start_y, bin_y, i, iy, gh) for iy in range(gh)]
                   for i in range(ph)]).reshape(ph, gh)
     x = np.array([[_sample_coord(start_x, bin_x, j, ix, gw) for ix in range(gw)]
@@ -221,7 +247,7 @@ def roi_align_forward_numpy(features, boxes, batch_index, ph, pw, spatial_scale,
     for r in range(R):
         fmap = features[batch_index[r]].astype(np.float64)  # (C, H, W)
         ys, xs = roi_align_sample_points(boxes[r], (ph, pw), spatial_scale,
-                                         sampling_ratio, aligned)
+                                         sampling_ratio, aligned, (H, W))
         S = ys.shape[2]
         for i in range(ph):
             for j in range(pw):
@@ -250,7 +276,7 @@ def roi_align_backward_numpy(dout, shape, boxes, batch_index, ph, pw, spatial_sc
     for r in range(boxes.shape[0]):
         dmap = dfeatures[batch_index[r]]  # a view: (C, H, W)
         ys, xs = roi_align_sample_points(boxes[r], (ph, pw), spatial_scale,
-                                         sampling_ratio, aligned)
+                                         sampling_ratio, aligned, (H, W))
         S = ys.shape[2]
         for i in range(ph):
             for j in range(pw):
@@ -271,13 +297,14 @@ def roi_align_backward_numpy(dout, shape, boxes, batch_index, ph, pw, spatial_sc
 
 
 @njit(cache=True)
-def _grids_cpu(boxes, ph, pw, spatial_scale, sampling_ratio, aligned, grids):
-    """grids[r] = (gh, gw), the samples per bin of RoI r along each axis."""
+def _grids_cpu(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned, grids):
+    """grids[r] = (gh, gw), the samples per bin of RoI r along each axis
+    (``H + 1`` and ``W + 1``: ``adaptive_grid_cap``, here and in every kernel)."""
     for r in range(boxes.shape[0]):
         grids[r, 0] = roi_axis_cpu(boxes[r, 1], boxes[r, 3], spatial_scale, aligned,
-                                   ph, sampling_ratio)[2]
+                                   ph, sampling_ratio, H + 1)[2]
         grids[r, 1] = roi_axis_cpu(boxes[r, 0], boxes[r, 2], spatial_scale, aligned,
-                                   pw, sampling_ratio)[2]
+                                   pw, sampling_ratio, W + 1)[2]
 
 
 @njit(cache=True)
@@ -291,7 +318,7 @@ def _tables_cpu(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned,
     """
     for r in range(boxes.shape[0]):
         start, bin_size, grid = roi_axis_cpu(boxes[r, 1], boxes[r, 3], spatial_scale,
-                                             aligned, ph, sampling_ratio)
+                                             aligned, ph, sampling_ratio, H + 1)
         for i in range(ph):
             for iy in range(grid):
                 t = sample_coord_cpu(start, bin_size, i, iy, grid)
@@ -301,7 +328,7 @@ def _tables_cpu(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned,
                 y_w[r, i, iy, 0] = w_lo
                 y_w[r, i, iy, 1] = w_hi
         start, bin_size, grid = roi_axis_cpu(boxes[r, 0], boxes[r, 2], spatial_scale,
-                                             aligned, pw, sampling_ratio)
+                                             aligned, pw, sampling_ratio, W + 1)
         for j in range(pw):
             for ix in range(grid):
                 t = sample_coord_cpu(start, bin_size, j, ix, grid)
@@ -494,7 +521,7 @@ def _cpu_tables(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned,
                 weight_dtype=np.float64):
     R = boxes.shape[0]
     grids = np.zeros((R, 2), dtype=np.int64)
-    _grids_cpu(boxes, ph, pw, spatial_scale, sampling_ratio, aligned, grids)
+    _grids_cpu(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned, grids)
     gh = max(int(grids[:, 0].max()), 1) if R else 1
     gw = max(int(grids[:, 1].max()), 1) if R else 1
     y_idx = np.zeros((R, ph, gh, 2), dtype=np.int64)
@@ -526,9 +553,9 @@ if cuda is not None:
             r = k // (pw * ph * C)
             n = batch_index[r]
             start_y, bin_y, gh = roi_axis_cuda(boxes[r, 1], boxes[r, 3], spatial_scale,
-                                               aligned, ph, sampling_ratio)
+                                               aligned, ph, sampling_ratio, H + 1)
             start_x, bin_x, gw = roi_axis_cuda(boxes[r, 0], boxes[r, 2], spatial_scale,
-                                               aligned, pw, sampling_ratio)
+                                               aligned, pw, sampling_ratio, W + 1)
             acc = 0.0
             best = -math.inf
             best_s = -1
@@ -568,9 +595,9 @@ if cuda is not None:
             r = k // (pw * ph * C)
             n = batch_index[r]
             start_y, bin_y, gh = roi_axis_cuda(boxes[r, 1], boxes[r, 3], spatial_scale,
-                                               aligned, ph, sampling_ratio)
+                                               aligned, ph, sampling_ratio, H + 1)
             start_x, bin_x, gw = roi_axis_cuda(boxes[r, 0], boxes[r, 2], spatial_scale,
-                                               aligned, pw, sampling_ratio)
+                                               aligned, pw, sampling_ratio, W + 1)
             g = dout[r, c, i, j]
             first = 0
             last = gh * gw
@@ -596,22 +623,103 @@ if cuda is not None:
 
 
 # --------------------------------------------------------------------------
-# Public API
+# Registration: forward (features, boxes, batch_index, ph, pw, geometry, mode)
+# -> (out, argmax or None); backward (dout, argmax, boxes, batch_index, shape,
+# ph, pw, geometry, mode) -> dfeatures, each on its backend's arrays. The
+# RoIs (boxes, batch_index) are small host arrays, validated on the host.
 # --------------------------------------------------------------------------
 
 
-def _host(a):
-    """A host (NumPy) copy of a device array; host arrays pass through."""
-    if is_device_array(a):
-        return (a if hasattr(a, "copy_to_host") else cuda.as_cuda_array(a)).copy_to_host()
-    return np.asarray(a)
+def _forward_numpy(f, boxes, batch_index, ph, pw, geometry, mode):
+    return roi_align_forward_numpy(f, boxes, batch_index, ph, pw, *geometry, mode)
+
+
+def _backward_numpy(dout, argmax, boxes, batch_index, shape, ph, pw, geometry, mode):
+    d = roi_align_backward_numpy(dout, shape, boxes, batch_index, ph, pw, *geometry, mode,
+                                 argmax)
+    return d.astype(dout.dtype)
+
+
+def _forward_cpu(f, boxes, batch_index, ph, pw, geometry, mode):
+    N, C, H, W = f.shape
+    R = boxes.shape[0]
+    out = np.empty((R, C, ph, pw), dtype=f.dtype)
+    if mode == "avg":
+        # avg: weights in the features' dtype (float32 stays vectorised)
+        tables = _cpu_tables(boxes, H, W, ph, pw, *geometry, f.dtype)
+        channels_last = np.ascontiguousarray(f.transpose(0, 2, 3, 1))
+        _forward_avg_cpu(channels_last, batch_index, *tables, out)
+        return out, None
+    # max: float64 samples, compared exactly as the reference does
+    tables = _cpu_tables(boxes, H, W, ph, pw, *geometry)
+    # one float64 build of the kernel serves float32 too (the channels-last
+    # copy is made anyway; the cast rides along)
+    argmax = np.empty((R, C, ph, pw), dtype=np.int32)
+    channels_last = np.ascontiguousarray(f.transpose(0, 2, 3, 1), dtype=np.float64)
+    out64 = out if out.dtype == np.float64 else np.empty(out.shape)
+    _forward_max_cpu(channels_last, batch_index, *tables, out64, argmax)
+    return out64.astype(f.dtype, copy=False), argmax
+
+
+def _backward_cpu(dout, argmax, boxes, batch_index, shape, ph, pw, geometry, mode):
+    N, C, H, W = shape
+    dtype = dout.dtype
+    g = np.ascontiguousarray(dout)
+    if mode == "avg":
+        tables = _cpu_tables(boxes, H, W, ph, pw, *geometry, dtype)
+        channels_last = np.zeros((N, H, W, C), dtype=dtype)
+        _backward_avg_cpu(g, batch_index, *tables, channels_last, CPU_CHANNEL_BLOCK)
+        return np.ascontiguousarray(channels_last.transpose(0, 3, 1, 2))
+    # max: one float64 build of the kernel for both dtypes
+    tables = _cpu_tables(boxes, H, W, ph, pw, *geometry)
+    dfeatures = np.zeros((N, C, H, W), dtype=np.float64)
+    _backward_max_cpu(g.astype(np.float64, copy=False), np.ascontiguousarray(argmax),
+                      batch_index, *tables, dfeatures)
+    return dfeatures.astype(dtype, copy=False)
+
+
+def _forward_on_cuda(f, boxes, batch_index, ph, pw, geometry, mode):
+    N, C, H, W = f.shape
+    R = boxes.shape[0]
+    d_out = cuda.device_array((R, C, ph, pw), dtype=f.dtype)
+    d_argmax = cuda.device_array((R, C, ph, pw) if mode == "max" else (1, 1, 1, 1),
+                                 dtype=np.int32)
+    if d_out.size:
+        _forward_cuda[blocks_for(d_out.size), THREADS_PER_BLOCK](
+            f, CUDA.asarray(boxes), CUDA.asarray(batch_index), *geometry, mode == "max",
+            d_out, d_argmax)
+    return d_out, (d_argmax if mode == "max" else None)
+
+
+def _backward_on_cuda(dout, argmax, boxes, batch_index, shape, ph, pw, geometry, mode):
+    d_dfeatures = _cuda.device_zeros(shape, dout.dtype)
+    d_argmax = argmax if mode == "max" else cuda.device_array((1, 1, 1, 1), dtype=np.int32)
+    if dout.size:
+        _backward_cuda[blocks_for(dout.size), THREADS_PER_BLOCK](
+            dout, CUDA.asarray(boxes), CUDA.asarray(batch_index), *geometry, mode == "max",
+            d_argmax, d_dfeatures)
+    return d_dfeatures
+
+
+NUMPY.register("roi_align_forward", _forward_numpy)
+NUMPY.register("roi_align_backward", _backward_numpy)
+CPU.register("roi_align_forward", _forward_cpu)
+CPU.register("roi_align_backward", _backward_cpu)
+if cuda is not None:
+    CUDA.register("roi_align_forward", _forward_on_cuda)
+    CUDA.register("roi_align_backward", _backward_on_cuda)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
 
 
 def _check_rois(rois, N):
     """Return ``(boxes (R, 4) float64, batch_index (R,) int64)`` or raise."""
     if rois is None:
         raise ValueError("rois must be an array of shape (R, 5), got None")
-    rois = _host(rois)  # small: validated on the host
+    rois = current_backend().to_host(rois)  # small: validated on the host
     if rois.dtype.kind not in "fiu":
         raise ValueError(f"rois must hold real numbers, got dtype {rois.dtype}")
     if rois.ndim != 2 or rois.shape[1] != 5:
@@ -679,47 +787,15 @@ def roi_align_forward(features, rois, output_size, spatial_scale, sampling_ratio
     boxes, batch_index = _check_rois(rois, N)
     R = boxes.shape[0]
 
-    backend = get_backend()
-    argmax = None
-    if backend == "numpy":
-        out, argmax = roi_align_forward_numpy(_host(features), boxes, batch_index, ph, pw,
-                                              spatial_scale, sampling_ratio, aligned, mode)
-    elif backend == "cpu":
-        f = _host(features)
-        out = np.empty((R, C, ph, pw), dtype=f.dtype)
-        if mode == "avg":
-            # avg: weights in the features' dtype (float32 stays vectorised)
-            tables = _cpu_tables(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned,
-                                 f.dtype)
-            channels_last = np.ascontiguousarray(f.transpose(0, 2, 3, 1))
-            _forward_avg_cpu(channels_last, batch_index, *tables, out)
-        else:
-            # max: float64 samples, compared exactly as the reference does
-            tables = _cpu_tables(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned)
-            # one float64 build of the kernel serves float32 too (the
-            # channels-last copy is made anyway; the cast rides along)
-            argmax = np.empty((R, C, ph, pw), dtype=np.int32)
-            channels_last = np.ascontiguousarray(f.transpose(0, 2, 3, 1), dtype=np.float64)
-            out64 = out if out.dtype == np.float64 else np.empty(out.shape)
-            _forward_max_cpu(channels_last, batch_index, *tables, out64, argmax)
-            out = out64.astype(f.dtype, copy=False)
-    else:
-        d_features = _cuda.to_device(features)
-        d_out = cuda.device_array((R, C, ph, pw), dtype=d_features.dtype)
-        d_argmax = cuda.device_array((R, C, ph, pw) if mode == "max" else (1, 1, 1, 1),
-                                     dtype=np.int32)
-        if d_out.size:
-            _forward_cuda[blocks_for(d_out.size), THREADS_PER_BLOCK](
-                d_features, cuda.to_device(boxes), cuda.to_device(batch_index),
-                spatial_scale, sampling_ratio, aligned, mode == "max", d_out, d_argmax)
-        out = _cuda.to_output(d_out, features)
-        if mode == "max":
-            argmax = d_argmax
+    be = current_backend()
+    geometry = (spatial_scale, sampling_ratio, aligned)
+    out, argmax = be.op("roi_align_forward")(be.asarray(features), boxes, batch_index,
+                                             ph, pw, geometry, mode)
     cache = {"shape": (N, C, H, W), "dtype": features.dtype, "boxes": boxes,
              "batch_index": batch_index, "output_size": (ph, pw),
              "spatial_scale": spatial_scale, "sampling_ratio": sampling_ratio,
-             "aligned": aligned, "mode": mode, "argmax": argmax}
-    return out, cache
+             "aligned": aligned, "mode": mode, "argmax": argmax, "backend": be}
+    return be.output(out, features), cache
 
 
 def roi_align_backward(dout, cache):
@@ -744,35 +820,13 @@ def roi_align_backward(dout, cache):
     if tuple(dout.shape) != (R, C, ph, pw):
         raise ValueError(f"dout must have the shape of the forward output "
                          f"{(R, C, ph, pw)}, got {tuple(dout.shape)}")
-    args = (cache["spatial_scale"], cache["sampling_ratio"], cache["aligned"])
-    mode, argmax = cache["mode"], cache["argmax"]
-
-    backend = get_backend()
-    if backend == "numpy":
-        d = roi_align_backward_numpy(_host(dout), (N, C, H, W), boxes, batch_index, ph, pw,
-                                     *args, mode, None if argmax is None else _host(argmax))
-        return d.astype(dtype)
-    if backend == "cpu":
-        g = np.ascontiguousarray(_host(dout), dtype=dtype)
-        if mode == "avg":
-            tables = _cpu_tables(boxes, H, W, ph, pw, *args, dtype)
-            channels_last = np.zeros((N, H, W, C), dtype=dtype)
-            _backward_avg_cpu(g, batch_index, *tables, channels_last, CPU_CHANNEL_BLOCK)
-            return np.ascontiguousarray(channels_last.transpose(0, 3, 1, 2))
-        # max: one float64 build of the kernel for both dtypes
-        tables = _cpu_tables(boxes, H, W, ph, pw, *args)
-        dfeatures = np.zeros((N, C, H, W), dtype=np.float64)
-        _backward_max_cpu(g.astype(np.float64, copy=False),
-                          np.ascontiguousarray(_host(argmax)), batch_index, *tables, dfeatures)
-        return dfeatures.astype(dtype, copy=False)
-    d_dout = _cuda.to_device(dout)
-    if d_dout.dtype != dtype:
-        d_dout = cuda.to_device(_host(d_dout).astype(dtype))
-    d_dfeatures = _cuda.device_zeros((N, C, H, W), dtype)
-    d_argmax = _cuda.to_device(argmax) if mode == "max" else \
-        cuda.device_array((1, 1, 1, 1), dtype=np.int32)
-    if d_dout.size:
-        _backward_cuda[blocks_for(d_dout.size), THREADS_PER_BLOCK](
-            d_dout, cuda.to_device(boxes), cuda.to_device(batch_index), *args,
-            mode == "max", d_argmax, d_dfeatures)
-    return _cuda.to_output(d_dfeatures, dout)
+    geometry = (cache["spatial_scale"], cache["sampling_ratio"], cache["aligned"])
+    be = cache["backend"]
+    if dout.dtype != dtype:
+        if be.on_device and be.is_native(dout):
+            raise ValueError(f"dout must have the dtype of the features ({dtype}), "
+                             f"got {dout.dtype}")
+        dout = be.to_host(dout).astype(dtype)
+    d = be.op("roi_align_backward")(be.asarray(dout), cache["argmax"], boxes, batch_index,
+                                    (N, C, H, W), ph, pw, geometry, cache["mode"])
+    return be.output(d, dout)

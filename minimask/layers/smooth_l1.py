@@ -36,10 +36,10 @@ from numba import njit, prange
 from minimask import _cuda
 from minimask._checks import check_float_array
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 from minimask.layers.focal_loss import (LossCache, block_sum_into, check_reduction,
                                         finish_reduction, host_as, loss_backward,
-                                        reduce_numpy)
+                                        loss_backward_numpy, reduce_numpy)
 
 # --------------------------------------------------------------------------
 # NumPy reference
@@ -123,6 +123,56 @@ if cuda is not None:
 
 
 # --------------------------------------------------------------------------
+# Registration: forward (pred, target, w, beta, reduction) -> (loss, state),
+# backward (state, dout, reduction) -> dpred
+# --------------------------------------------------------------------------
+
+
+def _forward_numpy(pred, target, w, beta, reduction):
+    loss = smooth_l1_numpy(pred, target, w, beta)
+    return reduce_numpy(loss, reduction), (pred, target, w, beta)
+
+
+def _forward_cpu(pred, target, w, beta, reduction):
+    has_weights = w is not None
+    x = np.ascontiguousarray(pred).reshape(-1)
+    t = np.ascontiguousarray(target, dtype=pred.dtype).reshape(-1)
+    wf = np.ascontiguousarray(w, dtype=pred.dtype).reshape(-1) if has_weights else x[:1]
+    loss = np.empty_like(x)
+    grad = np.empty_like(x)
+    total = _smooth_l1_forward_cpu(x, t, wf, has_weights, beta, loss, grad)
+    grad = grad.reshape(pred.shape)
+    if reduction == "none":
+        return loss.reshape(pred.shape), grad
+    return finish_reduction(total, pred.size, reduction, pred.dtype, False), grad
+
+
+def _forward_cuda(pred, target, w, beta, reduction):
+    has_weights = w is not None
+    n = pred.size
+    d_w = w if has_weights else _cuda.device_zeros(1, pred.dtype)
+    loss = cuda.device_array(pred.shape, dtype=pred.dtype)
+    grad = cuda.device_array(pred.shape, dtype=pred.dtype)
+    total = _cuda.device_zeros(1, np.float64)
+    if n:
+        _smooth_l1_forward_cuda[blocks_for(n), THREADS_PER_BLOCK](
+            pred.reshape(n), target.reshape(n), d_w.reshape(d_w.size), has_weights, beta,
+            loss.reshape(n), grad.reshape(n), total)
+    if reduction == "none":
+        return loss, grad
+    return finish_reduction(total, n, reduction, pred.dtype, True), grad
+
+
+NUMPY.register("smooth_l1_forward", _forward_numpy)
+NUMPY.register("smooth_l1_backward", loss_backward_numpy(smooth_l1_grad_numpy))
+CPU.register("smooth_l1_forward", _forward_cpu)
+CPU.register("smooth_l1_backward", CPU.op("loss.scale_gradient"))
+if cuda is not None:
+    CUDA.register("smooth_l1_forward", _forward_cuda)
+    CUDA.register("smooth_l1_backward", CUDA.op("loss.scale_gradient"))
+
+
+# --------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------
 
@@ -150,37 +200,11 @@ def smooth_l1_forward(pred, target, beta=1.0 / 9.0, weights=None, reduction="sum
     if weights is not None:
         weights = host_as("weights", weights, "pred", pred)
 
-    backend = get_backend()
-    if backend == "numpy":
-        loss = smooth_l1_numpy(pred, target, weights, beta)
-        cache = LossCache(reduction, pred.shape, inputs=(pred, target, weights, beta))
-        return reduce_numpy(loss, reduction), cache
-
-    n = pred.size
-    has_weights = weights is not None
-    if backend == "cpu":
-        x = np.ascontiguousarray(pred).reshape(-1)
-        w = weights.reshape(-1) if has_weights else x[:1]
-        loss = np.empty_like(x)
-        grad = np.empty_like(x)
-        total = _smooth_l1_forward_cpu(x, target.reshape(-1), w, has_weights, beta, loss, grad)
-        loss, grad = loss.reshape(pred.shape), grad.reshape(pred.shape)
-    else:
-        d_x = _cuda.to_device(pred)
-        d_t = _cuda.to_device(target)
-        d_w = _cuda.to_device(weights) if has_weights else _cuda.device_zeros(1, d_x.dtype)
-        loss = cuda.device_array(d_x.shape, dtype=d_x.dtype)
-        grad = cuda.device_array(d_x.shape, dtype=d_x.dtype)
-        total = _cuda.device_zeros(1, np.float64)
-        if n:
-            _smooth_l1_forward_cuda[blocks_for(n), THREADS_PER_BLOCK](
-                d_x.reshape(n), d_t.reshape(n), d_w.reshape(d_w.size), has_weights, beta,
-                loss.reshape(n), grad.reshape(n), total)
-    cache = LossCache(reduction, pred.shape, grad=grad, like=pred,
-                      on_device=backend == "cuda")
-    if reduction == "none":
-        return (loss if backend == "cpu" else _cuda.to_output(loss, pred)), cache
-    return finish_reduction(total, n, reduction, pred, backend == "cuda"), cache
+    be = current_backend()
+    loss, state = be.op("smooth_l1_forward")(be.asarray(pred), be.asarray(target),
+                                             be.asarray(weights), beta, reduction)
+    cache = LossCache(be, reduction, tuple(pred.shape), state, pred)
+    return be.output(loss, pred), cache
 
 
 def smooth_l1_backward(dout, cache):
@@ -195,4 +219,4 @@ def smooth_l1_backward(dout, cache):
     ``dout * w * (d / beta if |d| < beta else sign(d))``, divided by the
     element count for "mean".
     """
-    return loss_backward(dout, cache, smooth_l1_grad_numpy)
+    return loss_backward(dout, cache, "smooth_l1_backward")

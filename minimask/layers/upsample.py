@@ -29,8 +29,8 @@ from numba import njit, prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, pair
-from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
-from minimask.backend import get_backend
+from minimask._cuda import cuda
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
 # NumPy reference
@@ -114,12 +114,59 @@ if cuda is not None:
 
 
 # --------------------------------------------------------------------------
-# Public API
+# Registration: forward (x, sh, sw) -> out and backward (dout, sh, sw) -> dx
+# on each backend's arrays
 # --------------------------------------------------------------------------
 
-
 _launch = _cuda.launch_config
-_host = _cuda.to_host
+
+
+def _forward_cpu(x, sh, sw):
+    N, C, H, W = x.shape
+    x3 = np.ascontiguousarray(x).reshape(N * C, H, W)
+    out = np.empty((N * C, H * sh, W * sw), dtype=x3.dtype)
+    _upsample_forward_cpu(x3, sh, sw, out)
+    return out.reshape(N, C, H * sh, W * sw)
+
+
+def _backward_cpu(dout, sh, sw):
+    N, C, Hs, Ws = dout.shape
+    d3 = np.ascontiguousarray(dout).reshape(N * C, Hs, Ws)
+    dx = np.empty((N * C, Hs // sh, Ws // sw), dtype=dout.dtype)
+    _upsample_backward_cpu(d3, sh, sw, dx)
+    return dx.reshape(N, C, Hs // sh, Ws // sw)
+
+
+def _forward_cuda(x, sh, sw):
+    N, C, H, W = x.shape
+    d_x = x.reshape(N * C, H, W)
+    d_out = cuda.device_array((N * C, H * sh, W * sw), dtype=d_x.dtype)
+    if d_out.size:
+        _upsample_forward_cuda[_launch(d_out.size)](d_x, sh, sw, d_out)
+    return d_out.reshape(N, C, H * sh, W * sw)
+
+
+def _backward_cuda(dout, sh, sw):
+    N, C, Hs, Ws = dout.shape
+    d_dout = dout.reshape(N * C, Hs, Ws)
+    d_dx = cuda.device_array((N * C, Hs // sh, Ws // sw), dtype=dout.dtype)
+    if d_dx.size:
+        _upsample_backward_cuda[_launch(d_dx.size)](d_dout, sh, sw, d_dx)
+    return d_dx.reshape(N, C, Hs // sh, Ws // sw)
+
+
+NUMPY.register("upsample_nearest2d_forward", upsample_nearest2d_forward_numpy)
+NUMPY.register("upsample_nearest2d_backward", upsample_nearest2d_backward_numpy)
+CPU.register("upsample_nearest2d_forward", _forward_cpu)
+CPU.register("upsample_nearest2d_backward", _backward_cpu)
+if cuda is not None:
+    CUDA.register("upsample_nearest2d_forward", _forward_cuda)
+    CUDA.register("upsample_nearest2d_backward", _backward_cuda)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
 
 
 def upsample_nearest2d_forward(x, scale=2):
@@ -136,21 +183,9 @@ def upsample_nearest2d_forward(x, scale=2):
     sh, sw = pair("scale", scale)
     N, C, H, W = x.shape
     out_shape = (N, C, H * sh, W * sw)
-    backend = get_backend()
-    if backend == "numpy":
-        out = upsample_nearest2d_forward_numpy(x, sh, sw)
-    elif backend == "cpu":
-        x3 = np.ascontiguousarray(_host(x)).reshape(N * C, H, W)
-        out = np.empty((N * C, H * sh, W * sw), dtype=x3.dtype)
-        _upsample_forward_cpu(x3, sh, sw, out)
-        out = out.reshape(out_shape)
-    else:
-        d_x = _cuda.to_device(x).reshape(N * C, H, W)
-        d_out = cuda.device_array((N * C, H * sh, W * sw), dtype=d_x.dtype)
-        if d_out.size:
-            _upsample_forward_cuda[_launch(d_out.size)](d_x, sh, sw, d_out)
-        out = _cuda.to_output(d_out.reshape(out_shape), x)
-    return out, (tuple(x.shape), (sh, sw), x.dtype)
+    be = current_backend()
+    out = be.op("upsample_nearest2d_forward")(be.asarray(x), sh, sw)
+    return be.output(out, x), (be, tuple(x.shape), (sh, sw), x.dtype)
 
 
 def upsample_nearest2d_backward(dout, cache):
@@ -163,7 +198,7 @@ def upsample_nearest2d_backward(dout, cache):
     Returns ``dx`` (N, C, H, W) in the dtype of x:
     ``dx[n, c, r, s] = sum_{a < sh, b < sw} dout[n, c, r*sh + a, s*sw + b]``.
     """
-    x_shape, (sh, sw), dtype = cache
+    be, x_shape, (sh, sw), dtype = cache
     N, C, H, W = x_shape
     dout = check_float_array("dout", dout)
     out_shape = (N, C, H * sh, W * sw)
@@ -174,16 +209,5 @@ def upsample_nearest2d_backward(dout, cache):
         if not isinstance(dout, np.ndarray):
             raise ValueError(f"dout must have the dtype of x ({dtype}), got {dout.dtype}")
         dout = dout.astype(dtype)
-    backend = get_backend()
-    if backend == "numpy":
-        return upsample_nearest2d_backward_numpy(_host(dout), sh, sw)
-    if backend == "cpu":
-        d3 = np.ascontiguousarray(_host(dout)).reshape(N * C, H * sh, W * sw)
-        dx = np.empty((N * C, H, W), dtype=dtype)
-        _upsample_backward_cpu(d3, sh, sw, dx)
-        return dx.reshape(x_shape)
-    d_dout = _cuda.to_device(dout).reshape(N * C, H * sh, W * sw)
-    d_dx = cuda.device_array((N * C, H, W), dtype=dtype)
-    if d_dx.size:
-        _upsample_backward_cuda[_launch(d_dx.size)](d_dout, sh, sw, d_dx)
-    return _cuda.to_output(d_dx.reshape(x_shape), dout)
+    dx = be.op("upsample_nearest2d_backward")(be.asarray(dout), sh, sw)
+    return be.output(dx, dout)

@@ -6,12 +6,15 @@ C5 have strides 8, 16, 32 - the inputs of the FPN.
 
 A residual block computes ``relu(branch(x) + shortcut(x))``; its backward
 sends the gradient after the ReLU down both paths and adds what comes back.
+The adds run on the current backend (``minimask.layers.glue``), so on
+"cuda" the activations never leave the GPU.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from minimask.layers import relu_backward, relu_forward
+from minimask.backend import current_backend
+from minimask.layers import glue, relu_backward, relu_forward
 from minimask.model.modules import Conv2d, GroupNorm, MaxPool2d, ReLU, Sequential, gn_groups
 from minimask.nn import Module
 
@@ -37,7 +40,7 @@ class BasicBlock(Module):
             s, short_cache = self.shortcut.forward(x)
         else:
             s, short_cache = x, None
-        out, relu_cache = relu_forward(y + s)
+        out, relu_cache = relu_forward(glue.add(y, s))
         return out, (branch_cache, short_cache, relu_cache)
 
     def backward(self, dout, cache):
@@ -45,8 +48,8 @@ class BasicBlock(Module):
         dsum = relu_backward(dout, relu_cache)
         dx = self.branch.backward(dsum, branch_cache)
         if self.shortcut is not None:
-            return dx + self.shortcut.backward(dsum, short_cache)
-        return dx + dsum
+            return glue.add(dx, self.shortcut.backward(dsum, short_cache))
+        return glue.add(dx, dsum)
 
 
 class Bottleneck(BasicBlock):
@@ -102,8 +105,8 @@ class ResNet(Module):
             if dx is None:
                 dx = d_here
             elif d_here is not None:
-                dx = dx + d_here
+                dx = glue.add(dx, d_here)
             if dx is None:
-                dx = np.zeros(shapes[i], dtype=dfeatures[0].dtype)
+                dx = current_backend().zeros(shapes[i], dfeatures[0].dtype)
             dx = self.stages[i].backward(dx, caches[i])
         return self.stem.backward(dx, stem_cache)

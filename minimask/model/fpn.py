@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimask.layers import relu_backward, relu_forward, upsample_nearest2d_backward, upsample_nearest2d_forward
+from minimask.layers import (glue, relu_backward, relu_forward, upsample_nearest2d_backward,
+                             upsample_nearest2d_forward)
 from minimask.model.modules import Conv2d
 from minimask.nn import Module
 
@@ -25,17 +26,15 @@ from minimask.nn import Module
 def _up_to(x, shape):
     out, cache = upsample_nearest2d_forward(x, 2)
     H, W = shape[2], shape[3]
-    if out.shape[2:] != (H, W):
-        return np.ascontiguousarray(out[:, :, :H, :W]), (cache, out.shape)
-    return out, (cache, out.shape)
+    if tuple(out.shape[2:]) != (H, W):
+        return glue.crop_hw(out, H, W), (cache, tuple(out.shape))
+    return out, (cache, tuple(out.shape))
 
 
 def _up_to_backward(dout, cache):
     up_cache, full_shape = cache
-    if dout.shape != full_shape:
-        padded = np.zeros(full_shape, dtype=dout.dtype)
-        padded[:, :, :dout.shape[2], :dout.shape[3]] = dout
-        dout = padded
+    if tuple(dout.shape) != full_shape:
+        dout = glue.pad_hw(dout, full_shape)
     return upsample_nearest2d_backward(dout, up_cache)
 
 
@@ -65,9 +64,9 @@ class FPN(Module):
         l4, cl4 = self.lateral4.forward(C4)
         l3, cl3 = self.lateral3.forward(C3)
         u5, cu5 = _up_to(l5, l4.shape)
-        t4 = l4 + u5
+        t4 = glue.add(l4, u5)
         u4, cu4 = _up_to(t4, l3.shape)
-        t3 = l3 + u4
+        t3 = glue.add(l3, u4)
         P3, cs3 = self.smooth3.forward(t3)
         P4, cs4 = self.smooth4.forward(t4)
         P5, cs5 = self.smooth5.forward(l5)
@@ -80,18 +79,18 @@ class FPN(Module):
         """Gradients of [P3..P7] -> gradients of [C3, C4, C5]."""
         cl3, cl4, cl5, cu4, cu5, cs3, cs4, cs5, c6, cr6, c7 = cache
         dP3, dP4, dP5, dP6, dP7 = dP
-        dP6 = dP6 + relu_backward(self.p7.backward(dP7, c7), cr6)
+        dP6 = glue.add(dP6, relu_backward(self.p7.backward(dP7, c7), cr6))
         dP6_in = self.p6.backward(dP6, c6)
         if self.p6_input == "p5":
-            dP5 = dP5 + dP6_in
+            dP5 = glue.add(dP5, dP6_in)
         dl5 = self.smooth5.backward(dP5, cs5)
         dt4 = self.smooth4.backward(dP4, cs4)
         dt3 = self.smooth3.backward(dP3, cs3)
-        dt4 = dt4 + _up_to_backward(dt3, cu4)      # t3 = l3 + up(t4)
-        dl5 = dl5 + _up_to_backward(dt4, cu5)      # t4 = l4 + up(l5)
+        dt4 = glue.add(dt4, _up_to_backward(dt3, cu4))      # t3 = l3 + up(t4)
+        dl5 = glue.add(dl5, _up_to_backward(dt4, cu5))      # t4 = l4 + up(l5)
         dC3 = self.lateral3.backward(dt3, cl3)
         dC4 = self.lateral4.backward(dt4, cl4)
         dC5 = self.lateral5.backward(dl5, cl5)
         if self.p6_input == "c5":
-            dC5 = dC5 + dP6_in
+            dC5 = glue.add(dC5, dP6_in)
         return [dC3, dC4, dC5]

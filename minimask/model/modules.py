@@ -45,9 +45,9 @@ class Conv2d(Module):
 
     def backward(self, dout, cache):
         dx, dw, db = conv2d_backward(dout, cache)
-        self.weight.grad += dw
+        self.weight.accumulate(dw)
         if self.bias is not None:
-            self.bias.grad += db
+            self.bias.accumulate(db)
         return dx
 
 
@@ -66,8 +66,8 @@ class ConvTranspose2d(Module):
 
     def backward(self, dout, cache):
         dx, dw, db = conv_transpose2d_backward(dout, cache)
-        self.weight.grad += dw
-        self.bias.grad += db
+        self.weight.accumulate(dw)
+        self.bias.accumulate(db)
         return dx
 
 
@@ -84,8 +84,8 @@ class GroupNorm(Module):
 
     def backward(self, dout, cache):
         dx, dgamma, dbeta = group_norm_backward(dout, cache)
-        self.weight.grad += dgamma
-        self.bias.grad += dbeta
+        self.weight.accumulate(dgamma)
+        self.bias.accumulate(dbeta)
         return dx
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from minimask.anchors import fpn_level
-from minimask.layers import roi_align_backward, roi_align_forward
+from minimask.backend import current_backend
+from minimask.layers import glue, roi_align_backward, roi_align_forward
 
 
 class MultiLevelRoIAlign:
@@ -34,12 +35,14 @@ class MultiLevelRoIAlign:
 
     def forward(self, levels, rois):
         """levels: [P3, P4, ...] (N, C, H, W); rois: (R, 5) [batch, x1, y1, x2, y2].
-        Returns (R, C, s, s) and a cache."""
-        rois = np.asarray(rois)
+        Returns (R, C, s, s) and a cache. The RoIs are a small host array;
+        the features and the result stay on the current backend's device."""
+        be = current_backend()
+        rois = be.to_host(rois)
         C = levels[0].shape[1]
         dtype = levels[0].dtype
         s = self.output_size
-        out = np.zeros((len(rois), C, s, s), dtype=dtype)
+        out = be.zeros((len(rois), C, s, s), dtype)
         k = self.levels_of(rois[:, 1:])
         groups = []
         for level in np.unique(k):
@@ -48,17 +51,18 @@ class MultiLevelRoIAlign:
             pooled, cache = roi_align_forward(
                 features, rois[idx].astype(dtype), s, 1.0 / 2 ** level,
                 sampling_ratio=self.sampling_ratio, aligned=True, mode=self.mode)
-            out[idx] = pooled
+            glue.put_rows(out, idx, pooled)
             groups.append((level, idx, cache))
-        return out, (groups, [P.shape for P in levels], dtype)
+        return out, (groups, [tuple(P.shape) for P in levels], dtype)
 
     def backward(self, dout, cache):
         """Gradient of each level's features (zeros where no RoI read it)."""
         groups, shapes, dtype = cache
+        be = current_backend()
         dlevels = [None] * len(shapes)
         for level, idx, group_cache in groups:
             i = level - self.first_level
-            d = roi_align_backward(np.ascontiguousarray(dout[idx]), group_cache)
-            dlevels[i] = d if dlevels[i] is None else dlevels[i] + d
-        return [d if d is not None else np.zeros(shape, dtype=dtype)
+            d = roi_align_backward(glue.take_rows(dout, idx), group_cache)
+            dlevels[i] = d if dlevels[i] is None else glue.add(dlevels[i], d)
+        return [d if d is not None else be.zeros(shape, dtype)
                 for d, shape in zip(dlevels, shapes)]

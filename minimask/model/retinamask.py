@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimask.anchors import IGNORED, flatten_head_output, generate_anchors, match_anchors, unflatten_head_grad
+from minimask.anchors import IGNORED, generate_anchors, match_anchors
+from minimask.backend import current_backend
 from minimask.boxes import batched_nms, box_iou, clip_boxes, decode_boxes, encode_boxes
+from minimask.layers import glue
 from minimask.layers import (mask_bce_backward, mask_bce_forward, sigmoid_focal_loss_backward,
                              sigmoid_focal_loss_forward, smooth_l1_backward, smooth_l1_forward)
 from minimask.layers.activations import sigmoid_numpy
@@ -68,8 +70,10 @@ class RetinaMask(Module):
             canonical_level=config.canonical_level, min_level=config.roi_min_level,
             max_level=config.roi_max_level, first_level=3)
         self._anchor_cache = {}
-        # running mean and variance of |box error| for the self-adjusting beta
-        self.beta_stats = np.array([config.box_beta, 0.0])
+        # running mean and variance of |box error| for the self-adjusting
+        # beta: a buffer, so a checkpoint carries it and a resumed run goes on
+        # exactly as an uninterrupted one
+        self.register_buffer("beta_stats", np.array([config.box_beta, 0.0]))
 
     # ------------------------------------------------------------------
     # input checks
@@ -156,30 +160,28 @@ class RetinaMask(Module):
         return np.ascontiguousarray((images - mean) / std, dtype=images.dtype)
 
     def _forward_dense(self, images):
-        images = self.normalize_images(images)
+        """The dense forward on images already normalised (``normalize_images``,
+        done on the host before the copy to the backend's device)."""
         C, backbone_cache = self.backbone.forward(images)
         P, fpn_cache = self.fpn.forward(C)
         cls_maps, cls_cache = self.cls_head.forward(P)
         box_maps, box_cache = self.box_head.forward(P)
         K = self.config.num_classes
-        logits = np.concatenate([flatten_head_output(m, K) for m in cls_maps], axis=1)
-        deltas = np.concatenate([flatten_head_output(m, 4) for m in box_maps], axis=1)
+        # (N, A_total, K) and (N, A_total, 4), on the current backend's device
+        logits = glue.flatten_heads(cls_maps, K)
+        deltas = glue.flatten_heads(box_maps, 4)
         cache = (backbone_cache, fpn_cache, cls_cache, box_cache,
-                 [m.shape for m in cls_maps], [m.shape for m in box_maps])
+                 [tuple(m.shape) for m in cls_maps], [tuple(m.shape) for m in box_maps])
         return P, logits, deltas, cache
 
     def _backward_dense(self, dlogits, ddeltas, dP_extra, cache):
         backbone_cache, fpn_cache, cls_cache, box_cache, cls_shapes, box_shapes = cache
-        dcls, dbox, start = [], [], 0
-        for cs, bs in zip(cls_shapes, box_shapes):
-            n = cs[2] * cs[3] * self.config.num_anchors
-            dcls.append(unflatten_head_grad(dlogits[:, start:start + n], cs))
-            dbox.append(unflatten_head_grad(ddeltas[:, start:start + n], bs))
-            start += n
-        dP = [a + b for a, b in zip(self.cls_head.backward(dcls, cls_cache),
-                                    self.box_head.backward(dbox, box_cache))]
+        dcls = glue.unflatten_heads(dlogits, cls_shapes)
+        dbox = glue.unflatten_heads(ddeltas, box_shapes)
+        dP = [glue.add(a, b) for a, b in zip(self.cls_head.backward(dcls, cls_cache),
+                                             self.box_head.backward(dbox, box_cache))]
         if dP_extra is not None:
-            dP = [a + b for a, b in zip(dP, dP_extra)]
+            dP = [glue.add(a, b) for a, b in zip(dP, dP_extra)]
         dC = self.fpn.backward(dP, fpn_cache)
         self.backbone.backward(dC, backbone_cache)
 
@@ -191,21 +193,26 @@ class RetinaMask(Module):
         logit_thresh = (np.log(c.score_thresh / (1 - c.score_thresh))
                         if 0 < c.score_thresh < 1 else (-np.inf if c.score_thresh <= 0 else np.inf))
         boxes_all, scores_all, labels_all = [], [], []
+        # the (flat) entries above the threshold and their logits, on the
+        # host; on "cuda" only these few cross, not the whole map
+        cand, cand_logits = self._candidates(logits, logit_thresh)
         start = 0
         for anchors in anchors_per_level:
             n = len(anchors)
-            lg = logits[start:start + n].reshape(-1)
-            dl = deltas[start:start + n]
-            start += n
-            keep = np.flatnonzero(lg > logit_thresh)
+            lo, hi = np.searchsorted(cand, [start * K, (start + n) * K])
+            keep, lg = cand[lo:hi] - start * K, cand_logits[lo:hi]
             if len(keep) > c.topk_per_level:
-                keep = keep[np.argpartition(-lg[keep], c.topk_per_level - 1)[:c.topk_per_level]]
+                top = np.argpartition(-lg, c.topk_per_level - 1)[:c.topk_per_level]
+                keep, lg = keep[top], lg[top]
             if len(keep) == 0:
+                start += n
                 continue
             anchor_idx, label = keep // K, keep % K
-            boxes_all.append(decode_boxes(dl[anchor_idx].astype(np.float64), anchors[anchor_idx],
+            dl = self._rows_on_host(deltas, start + anchor_idx)
+            start += n
+            boxes_all.append(decode_boxes(dl.astype(np.float64), anchors[anchor_idx],
                                           c.box_weights))
-            scores_all.append(sigmoid_numpy(lg[keep].astype(np.float64)))
+            scores_all.append(sigmoid_numpy(lg.astype(np.float64)))
             labels_all.append(label)
         if not boxes_all:
             return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
@@ -215,6 +222,35 @@ class RetinaMask(Module):
         boxes, scores, labels = boxes[big], scores[big], labels[big]
         keep = batched_nms(boxes, scores, labels, c.nms_thresh)[:c.detections_per_image]
         return boxes[keep], scores[keep], labels[keep].astype(np.int64)
+
+    @staticmethod
+    def _candidates(logits, logit_thresh, capacity=1 << 16):
+        """``(flat indices, logits)`` of the entries of one image's logits
+        (A_total, K) above ``logit_thresh``, indices ascending. On the device
+        they are compacted there; more than ``capacity`` (a network that
+        scores most anchors high) falls back to copying the logits whole."""
+        be = current_backend()
+        if isinstance(logits, np.ndarray) or not be.on_device:
+            flat = np.asarray(logits).reshape(-1)
+            idx = np.flatnonzero(flat > logit_thresh)
+            return idx, flat[idx]
+        flat = logits.reshape(logits.size)
+        idx = glue.above(flat, logit_thresh, capacity, be)
+        if idx is None:
+            host = be.to_host(flat)
+            idx = np.flatnonzero(host > logit_thresh)
+            return idx, host[idx]
+        if len(idx) == 0:
+            return idx, np.zeros(0, dtype=logits.dtype)
+        return idx, be.to_host(glue.take_rows(flat, idx, be))
+
+    @staticmethod
+    def _rows_on_host(x, rows):
+        """``x[rows]`` as a host array (only those rows cross from a device)."""
+        if isinstance(x, np.ndarray):
+            return x[rows]
+        be = current_backend()
+        return be.to_host(glue.take_rows(x, rows, be))
 
     # ------------------------------------------------------------------
     # training
@@ -277,44 +313,60 @@ class RetinaMask(Module):
         images = self._check_images(images)
         targets = self._check_targets(targets, images)
         N, _, H, W = images.shape
+        be = current_backend()
+        self.to_backend(be)        # parameters on this backend's device (once)
         self.zero_grad()
 
-        P, logits, deltas, dense_cache = self._forward_dense(images)
+        P, logits, deltas, dense_cache = self._forward_dense(
+            be.asarray(self.normalize_images(images)))
         anchors_per_level = self._anchors(P, (H, W))
         anchors = np.concatenate(anchors_per_level)
+        A, K = logits.shape[1], logits.shape[2]
 
-        # --- targets for the dense heads ---
-        cls_targets = np.zeros_like(logits)
-        weights = np.ones_like(logits)
-        positive = np.zeros(logits.shape[:2], dtype=bool)
-        box_targets = np.zeros_like(deltas)
+        # --- targets for the dense heads: matched on the host (boxes only),
+        # written on the device from a few indices ---
+        cls_targets = be.zeros(logits.shape, logits.dtype)
+        weights = be.empty(logits.shape, logits.dtype)
+        glue.fill(weights, 1, be)
+        pos_rows, pos_targets, hot, ignored = [], [], [], []
         for n, t in enumerate(targets):
             matches = match_anchors(anchors, t["boxes"], c.pos_iou, c.neg_iou,
                                     c.low_quality_matches)
-            pos = matches >= 0
-            positive[n] = pos
-            cls_targets[n, pos, t["labels"][matches[pos]]] = 1
-            weights[n, matches == IGNORED] = 0
-            if pos.any():
-                box_targets[n, pos] = encode_boxes(t["boxes"][matches[pos]], anchors[pos],
-                                                    c.box_weights)
-        num_pos = max(1, int(positive.sum()))
+            pos = np.flatnonzero(matches >= 0)
+            hot.append((n * A + pos) * K + t["labels"][matches[pos]])
+            ign = np.flatnonzero(matches == IGNORED)
+            ignored.append(((n * A + ign) * K)[:, None] + np.arange(K))
+            pos_rows.append(n * A + pos)
+            if len(pos):
+                pos_targets.append(encode_boxes(t["boxes"][matches[pos]], anchors[pos],
+                                                c.box_weights))
+        glue.fill_at(cls_targets, np.concatenate(hot), 1, be)
+        glue.fill_at(weights, np.concatenate(ignored).reshape(-1), 0, be)
+        pos_rows = np.concatenate(pos_rows)     # rows of (N A, 4), ascending
+        num_pos = max(1, len(pos_rows))
 
         # --- L_cls: focal loss, summed, divided by the number of positives ---
         l_cls, focal_cache = sigmoid_focal_loss_forward(
             logits, cls_targets, alpha=c.focal_alpha, gamma=c.focal_gamma, weights=weights,
             reduction="sum")
-        l_cls = float(l_cls) / num_pos
+        l_cls = float(be.to_host(l_cls)) / num_pos
 
         # --- L_loc: smooth L1 on the positive anchors ---
-        ddeltas = np.zeros_like(deltas)
+        ddeltas = be.zeros(deltas.shape, deltas.dtype)
         l_box = 0.0
-        if positive.any():
-            pred, target = deltas[positive], box_targets[positive]
-            beta = self._box_beta(np.abs(pred - target))
+        if len(pos_rows):
+            rows = deltas.reshape(N * A, 4)
+            pred = glue.take_rows(rows, pos_rows, be)
+            target = be.asarray(np.concatenate(pos_targets).astype(self.dtype))
+            if c.self_adjusting_beta:   # its statistics need |pred - target|: #pos x 4 numbers
+                beta = self._box_beta(np.abs(be.to_host(pred) - be.to_host(target)))
+            else:
+                beta = c.box_beta
             l_box, box_cache = smooth_l1_forward(pred, target, beta=beta, reduction="sum")
-            l_box = float(l_box) / num_pos
-            ddeltas[positive] = smooth_l1_backward(np.asarray(w_box / num_pos, self.dtype), box_cache)
+            l_box = float(be.to_host(l_box)) / num_pos
+            glue.put_rows(ddeltas.reshape(N * A, 4), pos_rows,
+                          smooth_l1_backward(np.asarray(w_box / num_pos, self.dtype), box_cache),
+                          be)
 
         # --- L_mask: eq. (3) on the RoIs' own class channels ---
         l_mask, dP_mask, num_rois = 0.0, None, 0
@@ -325,17 +377,17 @@ class RetinaMask(Module):
             roi_features, pool_cache = self.pooler.forward(P, rois)
             mask_logits, head_cache = self.mask_head.forward(roi_features)
             l_mask, bce_cache = mask_bce_forward(mask_logits, labels, mtargets)
-            l_mask = float(l_mask)
+            l_mask = float(be.to_host(l_mask))
             dmask = mask_bce_backward(np.asarray(w_mask * c.mask_loss_weight, self.dtype), bce_cache)
             droi = self.mask_head.backward(dmask, head_cache)
             dP_mask = self.pooler.backward(droi, pool_cache)
 
         # --- backward through the heads, the FPN and the backbone ---
         dlogits = sigmoid_focal_loss_backward(np.asarray(w_cls / num_pos, self.dtype), focal_cache)
-        self._backward_dense(np.asarray(dlogits), ddeltas, dP_mask, dense_cache)
+        self._backward_dense(dlogits, ddeltas, dP_mask, dense_cache)
         total = l_cls + l_box + c.mask_loss_weight * l_mask
         return {"cls": l_cls, "box": l_box, "mask": l_mask, "total": total,
-                "num_pos": int(positive.sum()), "num_mask_rois": num_rois}
+                "num_pos": int(len(pos_rows)), "num_mask_rois": num_rois}
 
     # ------------------------------------------------------------------
     # inference
@@ -354,7 +406,9 @@ class RetinaMask(Module):
         c = self.config
         images = self._check_images(images)
         N, _, H, W = images.shape
-        P, logits, deltas, _ = self._forward_dense(images)
+        be = current_backend()
+        self.to_backend(be)
+        P, logits, deltas, _ = self._forward_dense(be.asarray(self.normalize_images(images)))
         anchors_per_level = self._anchors(P, (H, W))
         results = []
         for n in range(N):
@@ -365,7 +419,7 @@ class RetinaMask(Module):
             if len(boxes):
                 rois = np.concatenate([np.full((len(boxes), 1), n), boxes], 1).astype(self.dtype)
                 roi_features, _ = self.pooler.forward(P, rois)
-                mask_logits = np.asarray(self.mask_head.forward(roi_features)[0])
+                mask_logits = be.to_host(self.mask_head.forward(roi_features)[0])
                 if return_probabilities:
                     class_masks = sigmoid_numpy(mask_logits.astype(np.float64))
                     mask_probs = class_masks[np.arange(len(boxes)), labels]
