@@ -16,14 +16,20 @@ import numpy as np
 
 
 class Parameter:
-    """A trainable array and the gradient that backward accumulates into it."""
+    """A trainable array and the gradient that backward accumulates into it.
 
-    def __init__(self, value):
+    ``frozen`` marks a parameter the optimiser must leave alone (a pretrained
+    stage kept fixed, as torchvision's ``trainable_layers``): it is still
+    saved and loaded, but training does not update it or count it in the
+    gradient norm."""
+
+    def __init__(self, value, frozen: bool = False):
         value = np.asarray(value)
         if value.dtype not in (np.float32, np.float64):
             raise ValueError(f"a Parameter must be float32 or float64, got {value.dtype}")
         self.value = value
         self.grad = np.zeros_like(value)
+        self.frozen = bool(frozen)
 
     @property
     def shape(self):

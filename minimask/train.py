@@ -317,7 +317,7 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
 
 def _trainable(model):
     """The parameters the optimiser updates: all but the frozen ones."""
-    return [p for p in model.parameters() if not getattr(p, "frozen", False)]
+    return [p for p in model.parameters() if not p.frozen]
 
 
 def _fmt(losses):

@@ -55,7 +55,7 @@ from minimask import backend as backend_module  # noqa: E402
 from minimask._cuda import cuda_available  # noqa: E402
 
 LAYER_MODULES = ["activations", "conv", "group_norm", "pooling", "upsample", "roi_align",
-                 "focal_loss", "smooth_l1", "mask_bce"]
+                 "focal_loss", "smooth_l1", "mask_bce", "frozen_bn"]
 
 
 def test_get_backend_returns_the_name_and_current_backend_the_object():
@@ -91,7 +91,7 @@ def test_layer_modules_have_no_backend_ladders():
     root = pathlib.Path(minimask.__file__).parent / "layers"
     for module in LAYER_MODULES:
         text = (root / f"{module}.py").read_text()
-        assert not re.search(r"get_backend\(\)\s*==|backend\s*==\s*\"", text), module
+        assert not re.search(r"get_backend\(\)|backend\s*==\s*\"", text), module
         assert "def _host(" not in text, module
 
 
@@ -118,6 +118,8 @@ def _layer_cases():
         ("group_norm", lambda: L.group_norm_forward(x, g, be_, 2), L.group_norm_backward),
         ("max_pool2d", lambda: L.max_pool2d_forward(x, 3, 2, 1), L.max_pool2d_backward),
         ("upsample", lambda: L.upsample_nearest2d_forward(x, 2), L.upsample_nearest2d_backward),
+        ("frozen_bn", lambda: L.frozen_bn_forward(x, g, be_, 0.1 * g, 1 + g * g),
+         L.frozen_bn_backward),
         ("roi_align", lambda: L.roi_align_forward(x, rois, 2, 1.0, 2), L.roi_align_backward),
         ("focal", lambda: L.sigmoid_focal_loss_forward(logits, targets, reduction="none"),
          L.sigmoid_focal_loss_backward),

@@ -149,7 +149,7 @@ def test_freezing_stops_the_backward_and_keeps_bn_frozen(rng):
     C, cache = model.backbone.forward(x)
     model.zero_grad()
     assert model.backbone.backward([np.ones_like(c) for c in C], cache) is None
-    frozen = {n for n, p in model.named_parameters() if getattr(p, "frozen", False)}
+    frozen = {n for n, p in model.named_parameters() if p.frozen}
     # stem and layer1 frozen, every batch-norm array frozen, layer2.. convs train
     assert "backbone.conv1.weight" in frozen and "backbone.layer1.0.conv1.weight" in frozen
     assert "backbone.layer2.0.conv1.weight" not in frozen
@@ -373,7 +373,7 @@ def test_finetune_keeps_frozen_stages_bit_for_bit(tmp_path):
                             anchor_sizes=(8, 16, 32, 64, 128), canonical_size=32,
                             trainable_stages=3)
     before = {n: p.value.copy() for n, p in model.named_parameters()}
-    frozen = {n for n, p in model.named_parameters() if getattr(p, "frozen", False)}
+    frozen = {n for n, p in model.named_parameters() if p.frozen}
     s = TrainSettings(iters=2, batch_size=1, lr=0.01, warmup_iters=0, out=str(tmp_path / "run"),
                       progress=False, checkpoint_every=2, log_every=1, workers=1)
     trained = train(data, s, model=model, log=lambda *a: None)

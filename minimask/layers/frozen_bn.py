@@ -36,10 +36,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from minimask import _cuda
 from minimask._checks import check_float_array
-from minimask._cuda import cuda
-from minimask.backend import get_backend
+from minimask._cuda import cuda, launch_config
+from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
 # NumPy reference
@@ -116,11 +115,56 @@ if cuda is not None:
 
 
 # --------------------------------------------------------------------------
-# Public API
+# Registration: every backend takes (N, C, H, W) arrays and (C,) scale/shift
 # --------------------------------------------------------------------------
 
-_launch = _cuda.launch_config
-_host = _cuda.to_host
+
+def _planes(a):
+    N, C, H, W = a.shape
+    return a.reshape(N, C, H * W)
+
+
+def _forward_cpu(x, scale, shift):
+    x3 = np.ascontiguousarray(_planes(x))
+    out = np.empty_like(x3)
+    _frozen_bn_forward_cpu(x3, scale, shift, out)
+    return out.reshape(x.shape)
+
+
+def _backward_cpu(dout, scale):
+    d3 = np.ascontiguousarray(_planes(dout))
+    dx = np.empty_like(d3)
+    _frozen_bn_backward_cpu(d3, scale, dx)
+    return dx.reshape(dout.shape)
+
+
+def _forward_cuda(x, scale, shift):
+    d_out = cuda.device_array(x.shape, dtype=x.dtype)
+    if d_out.size:
+        _frozen_bn_forward_cuda[launch_config(d_out.size)](_planes(x), scale, shift,
+                                                          _planes(d_out))
+    return d_out
+
+
+def _backward_cuda(dout, scale):
+    d_dx = cuda.device_array(dout.shape, dtype=dout.dtype)
+    if d_dx.size:
+        _frozen_bn_backward_cuda[launch_config(d_dx.size)](_planes(dout), scale, _planes(d_dx))
+    return d_dx
+
+
+NUMPY.register("frozen_bn_forward", frozen_bn_forward_numpy)
+NUMPY.register("frozen_bn_backward", frozen_bn_backward_numpy)
+CPU.register("frozen_bn_forward", _forward_cpu)
+CPU.register("frozen_bn_backward", _backward_cpu)
+if cuda is not None:
+    CUDA.register("frozen_bn_forward", _forward_cuda)
+    CUDA.register("frozen_bn_backward", _backward_cuda)
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
 
 
 def frozen_bn_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
@@ -135,14 +179,16 @@ def frozen_bn_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
 
     Returns ``(out, cache)``: ``out`` (N, C, H, W) in the dtype of x,
     ``out = x * scale + shift`` with ``scale = gamma / sqrt(var + eps)`` and
-    ``shift = beta - mean * scale``, per channel.
+    ``shift = beta - mean * scale``, per channel. The four (C,) arrays are
+    folded on the host (they are small); ``x`` stays on the backend's device.
     """
     x = check_float_array("x", x, ndim=4, what="(N, C, H, W)")
     N, C, H, W = x.shape
+    be = current_backend()
     arrays = {}
     for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        a = np.asarray(_host(a))
+        a = np.asarray(be.to_host(a))
         if a.dtype.kind != "f":
             raise ValueError(f"{name} must be float32 or float64, got dtype {a.dtype}")
         if a.shape != (C,):
@@ -155,23 +201,10 @@ def frozen_bn_forward(x, gamma, beta, running_mean, running_var, eps=1e-5):
         raise ValueError("running_var + eps must be positive in every channel")
     scale, shift = frozen_bn_fold(arrays["gamma"], arrays["beta"], arrays["running_mean"],
                                   arrays["running_var"], eps)
-    scale, shift = scale.astype(x.dtype), shift.astype(x.dtype)
-    backend = get_backend()
-    if backend == "numpy":
-        out = frozen_bn_forward_numpy(_host(x), scale, shift)
-    elif backend == "cpu":
-        x3 = np.ascontiguousarray(_host(x)).reshape(N, C, H * W)
-        out = np.empty_like(x3)
-        _frozen_bn_forward_cpu(x3, scale, shift, out)
-        out = out.reshape(N, C, H, W)
-    else:
-        d_x = _cuda.to_device(x).reshape(N, C, H * W)
-        d_out = cuda.device_array(d_x.shape, dtype=d_x.dtype)
-        if d_out.size:
-            _frozen_bn_forward_cuda[_launch(d_out.size)](d_x, cuda.to_device(scale),
-                                                        cuda.to_device(shift), d_out)
-        out = _cuda.to_output(d_out.reshape(N, C, H, W), x)
-    return out, (tuple(x.shape), x.dtype, scale)
+    scale = be.asarray(scale.astype(x.dtype))
+    shift = be.asarray(shift.astype(x.dtype))
+    out = be.op("frozen_bn_forward")(be.asarray(x), scale, shift)
+    return be.output(out, x), (be, tuple(x.shape), x.dtype, scale)
 
 
 def frozen_bn_backward(dout, cache):
@@ -182,10 +215,10 @@ def frozen_bn_backward(dout, cache):
     - cache: from ``frozen_bn_forward``
 
     Returns ``dx`` (N, C, H, W): ``dx = dout * scale`` per channel. The
-    frozen statistics and affine parameters get no gradient.
+    frozen statistics and affine parameters get no gradient. Runs on the
+    backend of the forward, whatever the current setting is.
     """
-    x_shape, dtype, scale = cache
-    N, C, H, W = x_shape
+    be, x_shape, dtype, scale = cache
     dout = check_float_array("dout", dout)
     if tuple(dout.shape) != x_shape:
         raise ValueError(f"dout must have the shape of the forward output {x_shape}, "
@@ -194,16 +227,4 @@ def frozen_bn_backward(dout, cache):
         if not isinstance(dout, np.ndarray):
             raise ValueError(f"dout must have the dtype of x ({dtype}), got {dout.dtype}")
         dout = dout.astype(dtype)
-    backend = get_backend()
-    if backend == "numpy":
-        return frozen_bn_backward_numpy(_host(dout), scale)
-    if backend == "cpu":
-        d3 = np.ascontiguousarray(_host(dout)).reshape(N, C, H * W)
-        dx = np.empty_like(d3)
-        _frozen_bn_backward_cpu(d3, scale, dx)
-        return dx.reshape(x_shape)
-    d_dout = _cuda.to_device(dout).reshape(N, C, H * W)
-    d_dx = cuda.device_array(d_dout.shape, dtype=dtype)
-    if d_dx.size:
-        _frozen_bn_backward_cuda[_launch(d_dx.size)](d_dout, cuda.to_device(scale), d_dx)
-    return _cuda.to_output(d_dx.reshape(x_shape), dout)
+    return be.output(be.op("frozen_bn_backward")(be.asarray(dout), scale), dout)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minimask.layers import frozen_bn_backward, frozen_bn_forward, relu_backward, relu_forward
+from minimask.backend import current_backend
+from minimask.layers import frozen_bn_backward, frozen_bn_forward, glue, relu_backward, relu_forward
 from minimask.model.modules import Conv2d, MaxPool2d
 from minimask.nn import Module, Parameter
 
@@ -62,7 +63,7 @@ def _frozen(value):
 
 def is_frozen(p: Parameter) -> bool:
     """True for a parameter training must leave alone."""
-    return bool(getattr(p, "frozen", False))
+    return bool(p.frozen)
 
 
 def trainable_parameters(module: Module) -> list[Parameter]:
@@ -93,7 +94,7 @@ class _Block(Module):
             short = (cdc, cdb)
         else:
             s, short = x, None
-        out, relu_cache = relu_forward(h + s)
+        out, relu_cache = relu_forward(glue.add(h, s))
         return out, (caches, short, relu_cache)
 
     def backward(self, dout, cache):
@@ -106,8 +107,8 @@ class _Block(Module):
             dh = conv.backward(bn.backward(dh, cb), cc)
         if self.downsample is not None:
             cdc, cdb = short
-            return dh + self.downsample[0].backward(self.downsample[1].backward(dsum, cdb), cdc)
-        return dh + dsum
+            return glue.add(dh, self.downsample[0].backward(self.downsample[1].backward(dsum, cdb), cdc))
+        return glue.add(dh, dsum)
 
 
 class TVBasicBlock(_Block):
@@ -233,9 +234,9 @@ class TorchvisionResNet(Module):
             if dx is None:
                 dx = d_here
             elif d_here is not None:
-                dx = dx + d_here
+                dx = glue.add(dx, d_here)
             if dx is None:
-                dx = np.zeros(shapes[i - 1], dtype=dfeatures[0].dtype)
+                dx = current_backend().zeros(shapes[i - 1], dfeatures[0].dtype)
             for block, c in zip(reversed(getattr(self, f"layer{i}")), reversed(caches[i - 1])):
                 dx = block.backward(dx, c)
         if lowest > 0:
