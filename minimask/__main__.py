@@ -379,8 +379,9 @@ def _resume_from_checkpoint(args, out: Path) -> None:
 
     ckpt = out / "checkpoint.npz"
     _, meta = load_npz(ckpt)
-    runs.resume_state(ckpt, meta)
-    saved, data = meta["settings"], meta.get("dataset") or {}
+    runs.check_metadata(ckpt, meta)     # train() refuses what is missing, in its order
+    saved, data = meta.get("settings") or {}, meta.get("dataset") or {}
+    runs.check_saved_settings(ckpt, saved)
     wanted = {"lr": saved.get("lr"), "seed": saved.get("seed"),
               "batch_size": saved.get("batch_size"), "iters": saved.get("iters"),
               "image_size": meta.get("image_size")}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minimask.data.coco import mask_to_rle  # (H, W) bool -> {"size", "counts": str}
+from minimask.data.coco import image_to_rgb, mask_to_rle  # mask_to_rle: (H, W) bool -> {"size", "counts": str}
 from minimask.masks import background_fraction, paste_masks
 
 DEFAULT_IMAGE_SIZE = 128
@@ -90,20 +90,18 @@ def read_rgb(path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") else max(float(grey.max()), 1.0)
-                grey = np.clip(np.rint(grey / peak * 255), 0, 255).astype(np.uint8)
-                rgb = np.repeat(grey[:, :, None], 3, axis=2)
-            elif img.mode == "P" and "transparency" in img.info:
-                rgb = np.asarray(img.convert("RGBA").convert("RGB"), dtype=np.uint8)
-            else:
-                rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            rgb = image_to_rgb(img, f"image {path!r}")
     except UnidentifiedImageError:
         raise ValueError(f"image {path!r} is not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged files
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path!r} is too large to read safely ({e})") from None
+    except (OSError, SyntaxError) as e:  # truncated or damaged files
         raise ValueError(f"image {path!r} could not be read ({e})") from None
-    return np.ascontiguousarray(rgb)
+    except ValueError as e:
+        if str(e).startswith(f"image {path!r}"):
+            raise
+        raise ValueError(f"image {path!r} could not be read ({e})") from None
+    return rgb
 
 
 def prepare_image(rgb: np.ndarray, size: int):
