@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{defaults.out}*) from its last checkpoint, with the settings and "
                         "data it was trained with, up to --iters (default: the run's own); a "
                         "flag that contradicts the run is refused")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
+                   metavar="N", help=f"save a checkpoint every N steps (and at the end and "
+                                     f"on Ctrl-C; default: {defaults.checkpoint_every})")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in --out even though it holds one: that run's "
                         "checkpoint, metrics and plots are deleted first")
@@ -448,7 +451,8 @@ def cmd_train(args) -> int:
                            "with --backend cuda")
     settings = TrainSettings(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, out=str(out), resume=args.resume,
-                             progress=not args.no_progress, workers=workers)
+                             progress=not args.no_progress, workers=workers,
+                             checkpoint_every=args.checkpoint_every)
     print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
           f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
           f"{args.backend}, {workers} worker{'s' if workers > 1 else ''}, writing to {out}")
