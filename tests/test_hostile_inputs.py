@@ -214,3 +214,47 @@ def test_predict_refuses_a_float_tiff_out_of_range(tmp_path):
     with pytest.raises(ValueError, match=r"f.tif' is a floating-point image with values in "
                                          r"\[300, 300\]"):
         read_rgb(tmp_path / "f.tif")
+
+
+# ----------------------------------------------------------------------
+# predict on a very large photo: memory
+# ----------------------------------------------------------------------
+
+
+def test_paste_mask_in_bands_equals_the_whole_box_formula():
+    from minimask.masks import paste_mask
+    rng = np.random.default_rng(0)
+    mask = rng.random((28, 28))
+    H, W = 300, 20000                      # 2 bands of rows at this width
+    box = np.array([0.3, 0.7, 19999.2, 299.5])
+    got = paste_mask(mask, box, H, W)
+    # the formula on the whole box at once (what the banded loop replaces)
+    x1, y1, x2, y2 = box
+    # the pixels whose centre lies in the box: columns 0..19998, rows 1..299
+    u = np.clip((np.arange(0, 19999) + 0.5 - x1) / (x2 - x1) * 28 - 0.5, 0, 27)
+    v = np.clip((np.arange(1, 300) + 0.5 - y1) / (y2 - y1) * 28 - 0.5, 0, 27)
+    u0, v0 = np.minimum(np.floor(u).astype(int), 26), np.minimum(np.floor(v).astype(int), 26)
+    fu, fv = u - u0, v - v0
+    u1, v1 = u0 + 1, v0 + 1
+    top = mask[v0][:, u0] * (1 - fu) + mask[v0][:, u1] * fu
+    bottom = mask[v1][:, u0] * (1 - fu) + mask[v1][:, u1] * fu
+    expected = np.zeros((H, W), np.float32)
+    expected[1:300, 0:19999] = top * (1 - fv[:, None]) + bottom * fv[:, None]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_large_overlay_is_drawn_scaled_down(tmp_path, monkeypatch):
+    import minimask.predict as predict
+    monkeypatch.setattr(predict, "MAX_OVERLAY_SIDE", 500)
+    image = np.zeros((600, 1000, 3), np.uint8)
+    masks = np.zeros((1, 600, 1000), bool)
+    masks[0, 100:300, 200:600] = True
+    detections = {"boxes": np.array([[200.0, 100, 600, 300]]), "scores": np.array([0.9]),
+                  "labels": np.array([0]), "masks": masks}
+    path = predict.save_overlay(image, detections, tmp_path / "o.png", ["a"])
+    with Image.open(path) as im:
+        assert im.size == (500, 300), im.size
+    small, scaled = predict._scaled_down(image, detections, 500)
+    assert small.shape == (300, 500, 3)
+    np.testing.assert_allclose(scaled["boxes"], [[100, 50, 300, 150]])
+    assert scaled["masks"][0].sum() == 100 * 200 and scaled["masks"][0, 50:150, 100:300].all()
