@@ -241,7 +241,7 @@ def detections_to_json(detections: dict, class_names) -> dict:
             "instances": instances}
 
 
-MAX_OVERLAY_SIDE = 2048
+MAX_OVERLAY_SIDE = 1024
 
 
 def save_overlay(image, detections: dict, path, class_names=None, title=None) -> Path:

@@ -190,6 +190,8 @@ def image_to_rgb(im, where: str = "image") -> np.ndarray:
         rgb = np.repeat(grey[:, :, None], 3, axis=2)
     elif im.mode == "P" and "transparency" in im.info:
         rgb = np.asarray(im.convert("RGBA").convert("RGB"), dtype=np.uint8)
+    elif im.mode == "RGB":
+        rgb = np.asarray(im, dtype=np.uint8)     # no converted copy of a large photo
     else:
         rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
     return np.ascontiguousarray(rgb)
