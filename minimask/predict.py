@@ -368,9 +368,13 @@ def format_crop_line(record: dict) -> str:
 
 
 def write_json(path, payload) -> Path:
+    """Write ``payload`` as JSON through a temporary file and a rename; a
+    failed write (a full disk) names the file."""
+    from minimask.runs import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    write_text_atomic(path, json.dumps(payload, indent=1))
     return path
 
 

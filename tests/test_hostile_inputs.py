@@ -258,3 +258,17 @@ def test_a_large_overlay_is_drawn_scaled_down(tmp_path, monkeypatch):
     assert small.shape == (300, 500, 3)
     np.testing.assert_allclose(scaled["boxes"], [[100, 50, 300, 150]])
     assert scaled["masks"][0].sum() == 100 * 200 and scaled["masks"][0, 50:150, 100:300].all()
+
+
+def test_predict_json_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+    import minimask.predict as predict
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(OSError, match=r"cannot write '.*detections.json': No space left on "
+                                      r"device \(the disk is full\)"):
+        predict.write_json(tmp_path / "detections.json", [])

@@ -487,8 +487,8 @@ def _check_annotations(path, annotations, images_by_id, category_ids) -> None:
             if bbox[2] <= 0 or bbox[3] <= 0:
                 raise ValueError(f"{where}: field 'bbox' must have positive width and "
                                  f"height, got {bbox!r}")
-        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] > 0):
-            raise ValueError(f"{where}: field 'area' must be a positive number (the mask's "
+        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+            raise ValueError(f"{where}: field 'area' must be a number >= 0 (the mask's "
                              f"pixels), got {ann['area']!r:.60}")
         image = images_by_id[ann["image_id"]]
         if image.get("height") and image.get("width"):
