@@ -310,3 +310,19 @@ def check_saved_settings(path, saved: dict) -> None:
         if not ok:
             raise ValueError(f"weights file {str(path)!r}: metadata field 'settings.{f.name}' "
                              f"must be {type(default).__name__}, got {value!r:.60}")
+        lo, hi = SETTINGS_RANGES.get(f.name, (None, None))
+        if lo is not None and not lo <= value <= hi:
+            raise ValueError(f"weights file {str(path)!r}: metadata field 'settings.{f.name}' "
+                             f"must lie in [{lo}, {hi}], got {value!r:.60}")
+    if saved.get("schedule", "cosine") not in ("cosine", "step"):
+        raise ValueError(f"weights file {str(path)!r}: metadata field 'settings.schedule' "
+                         f"must be 'cosine' or 'step', got {saved['schedule']!r:.60}")
+
+
+# the ranges a checkpoint's recorded settings must lie in (types: TrainSettings)
+SETTINGS_RANGES = {
+    "iters": (1, 10 ** 9), "batch_size": (1, 4096), "lr": (1e-12, 1e3),
+    "momentum": (0.0, 0.999999), "weight_decay": (0.0, 1.0), "warmup_iters": (0, 10 ** 9),
+    "warmup_factor": (0.0, 1.0), "clip_grad_norm": (0.0, 1e12), "seed": (0, 2 ** 63 - 1),
+    "log_every": (1, 10 ** 9), "checkpoint_every": (1, 10 ** 9), "workers": (1, 4096),
+}

@@ -4,7 +4,7 @@ field at a time. ``train`` and ``evaluate`` must either run (exit 0) or
 stop with exit 2 and ONE line ``minimask: error: ...`` that names the file
 and the field - never a traceback, a crash or a hang. A watchdog
 (``faulthandler``) ends the whole process, with every thread's stack, if
-one example runs past its time limit, since a hang inside a compiled
+one example runs past its time limit (written to ``WATCHDOG_LOG``), since a hang inside a compiled
 kernel cannot be interrupted from Python.
 
 The default profile tries a few examples of each (CI); ``HYPOTHESIS_PROFILE
@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -100,15 +102,24 @@ HOSTILE = st.one_of(
 )
 
 
+# where the watchdog writes every thread's stack before it ends the process
+# (pytest captures file descriptor 2, so stderr would lose it)
+WATCHDOG_LOG = Path(tempfile.gettempdir()) / "minimask_generated_inputs_watchdog.txt"
+
+
 def _run(argv):
     """main(argv) -> (exit code, stdout, stderr), under the watchdog."""
     out, err = io.StringIO(), io.StringIO()
-    faulthandler.dump_traceback_later(TIME_LIMIT_S, exit=True, file=sys.__stderr__)
+    log = open(WATCHDOG_LOG, "w")
+    log.write(f"an example ran past {TIME_LIMIT_S} s: {argv}\n")
+    log.flush()
+    faulthandler.dump_traceback_later(TIME_LIMIT_S, exit=True, file=log)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)
     finally:
         faulthandler.cancel_dump_traceback_later()
+        log.close()
     return code, out.getvalue(), err.getvalue()
 
 

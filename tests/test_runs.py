@@ -166,6 +166,9 @@ def test_the_library_refuses_changed_settings_on_resume(run):
                                          ("step", None), ("running", "abc"),
                                          ("running", {"cls": "x"}), ("settings", []),
                                          ("settings", None), ("settings", {"lr": "fast"}),
+                                         ("settings", {"batch_size": 10 ** 12}),
+                                         ("settings", {"batch_size": -1}),
+                                         ("settings", {"schedule": "linear"}),
                                          ("image_size", "big"), ("class_names", 5)])
 def test_resume_from_damaged_metadata_is_one_line(run, capsys, field, value):
     metrics = (run / "metrics.jsonl").read_text()
