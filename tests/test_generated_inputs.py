@@ -138,7 +138,7 @@ RELATED = {"id": ["id", "image_id", "category_id", "image file"],
            "file_name": ["file_name", "image file"], "images": ["images", "image"],
            "height": ["height", "image file", "size"], "width": ["width", "image file", "size"],
            "counts": ["counts", "segmentation"], "size": ["size", "segmentation"],
-           "categories": ["categories", "category"], "annotations": ["annotations"],
+           "categories": ["categor"], "annotations": ["annotation"],
            "name": ["name"], "iscrowd": ["iscrowd"]}
 
 
