@@ -17,6 +17,7 @@ never a traceback (set ``MINIMASK_DEBUG=1`` to see the traceback).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import textwrap
@@ -99,35 +100,51 @@ def build_parser() -> argparse.ArgumentParser:
                     "shapes, on the 'cpu' backend. Writes OUT/checkpoint.npz (+ .json), "
                     "OUT/metrics.jsonl and OUT/losses.png; then evaluates on fresh shapes "
                     "(seed + 1000) and draws OUT/examples.png.")
-    p.add_argument("--dataset", default="shapes", metavar="shapes|ANNOTATIONS.json",
+    # Settings that decide the weights default to None here, so that a
+    # resumed run can tell a flag the user typed (checked against the
+    # checkpoint) from one left out (taken from the checkpoint);
+    # TRAIN_DEFAULTS fills in the rest for a new run.
+    p.add_argument("--dataset", default=None, metavar="shapes|ANNOTATIONS.json",
                    help="'shapes' (synthetic, made from --seed) or a COCO annotation file "
                         "(default: shapes)")
     p.add_argument("--images", metavar="DIR",
                    help="image folder of a COCO dataset (default: the 'images' folder next "
                         "to the annotation file)")
-    p.add_argument("--iters", type=_positive_int, default=defaults.iters,
-                   help=f"training steps (default: {defaults.iters})")
-    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+    p.add_argument("--iters", type=_positive_int, default=None,
+                   help=f"training steps (default: {defaults.iters}; with --resume, the "
+                        f"run's own)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
                    help=f"images per step (default: {defaults.batch_size})")
-    p.add_argument("--lr", type=_positive_float, default=defaults.lr,
+    p.add_argument("--lr", type=_positive_float, default=None,
                    help=f"peak learning rate (default: {defaults.lr})")
-    p.add_argument("--image-size", type=_positive_int, default=128,
+    p.add_argument("--image-size", type=_positive_int, default=None,
                    help="side of the square training images in pixels (default: 128)")
     p.add_argument("--workers", type=_positive_int, default=None,
                    help="processes that share each batch, one thread each (data parallel; "
                         "default: 2 on a machine with 2 or more cores, else 1; the run "
                         "depends on it)")
-    p.add_argument("--num-images", type=_positive_int, default=2000,
+    p.add_argument("--num-images", type=_positive_int, default=None,
                    help="synthetic images to draw batches from (shapes only; default: 2000)")
-    p.add_argument("--seed", type=int, default=defaults.seed,
+    p.add_argument("--seed", type=int, default=None,
                    help=f"seed of the shapes, the initial weights and the batch order "
                         f"(default: {defaults.seed})")
-    p.add_argument("--out", default=defaults.out, metavar="DIR",
-                   help=f"run folder (default: {defaults.out})")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"run folder (default: a new one, {defaults.out}, "
+                        f"{defaults.out}2, ...); a folder that holds a run is refused "
+                        f"unless --resume or --overwrite")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default="cpu",
                    help="where the layers run (default: cpu)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint up to --iters")
+                   help="continue the run in --out (default: the latest run in "
+                        f"{defaults.out}*) from its last checkpoint, with the settings and "
+                        "data it was trained with, up to --iters (default: the run's own); a "
+                        "flag that contradicts the run is refused")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=defaults.checkpoint_every,
+                   metavar="N", help=f"save a checkpoint every N steps (and at the end and "
+                                     f"on Ctrl-C; default: {defaults.checkpoint_every})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --out even though it holds one: that run's "
+                        "checkpoint, metrics and plots are deleted first")
     p.add_argument("--eval-images", type=_non_negative_int, default=50,
                    help="fresh shapes to evaluate on after training; 0 skips it (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
@@ -256,6 +273,16 @@ def main(argv=None) -> int:
     except NonFiniteLoss as e:
         _error(e)
         return 1
+    except KeyboardInterrupt:
+        # a Ctrl-C outside the training loop (which saves and returns):
+        # while data loads, during the final evaluation, in predict
+        print(f"\nminimask: interrupted ({args.command}); what was saved before is kept",
+              file=sys.stderr)
+        return 130
+    except RecursionError:
+        _error(ValueError("an input nests too deeply to be read (a JSON file with "
+                          "thousands of levels?)"))
+        return 2
     except (ValueError, OSError, UnidentifiedImageError) as e:
         # FileNotFoundError and PIL's UnidentifiedImageError are OSErrors;
         # json.JSONDecodeError is a ValueError.
@@ -367,16 +394,87 @@ def default_workers(batch_size: int, backend: str) -> int:
     return max(1, min(2, os.cpu_count() or 1, batch_size))
 
 
+# what an untyped train flag means for a new run (see build_parser)
+TRAIN_DEFAULTS = {"dataset": "shapes", "images": None, "iters": None, "batch_size": None,
+                  "lr": None, "image_size": 128, "num_images": 2000, "seed": None}
+
+
+def _fill_train_defaults(args) -> None:
+    from minimask.train import TrainSettings
+    defaults = TrainSettings()
+    for name, value in TRAIN_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if value is not None else getattr(defaults, name, None))
+
+
+def _resume_from_checkpoint(args, out: Path) -> None:
+    """Take the run's own settings and data for every flag left out; a
+    typed flag that contradicts the run is refused with one line naming it."""
+    from minimask import runs
+    from minimask.nn import load_npz
+
+    ckpt = out / "checkpoint.npz"
+    _, meta = load_npz(ckpt)
+    runs.check_metadata(ckpt, meta)     # train() refuses what is missing, in its order
+    saved, data = meta.get("settings") or {}, meta.get("dataset") or {}
+    runs.check_saved_settings(ckpt, saved)
+    wanted = {"lr": saved.get("lr"), "seed": saved.get("seed"),
+              "batch_size": saved.get("batch_size"), "iters": saved.get("iters"),
+              "image_size": meta.get("image_size")}
+    if isinstance(data, dict) and data.get("kind") == "shapes":
+        wanted.update(dataset="shapes", num_images=data.get("num_images"))
+    elif isinstance(data, dict) and data.get("kind") == "coco":
+        wanted.update(dataset=data.get("annotations"), images=data.get("images"))
+    for name, value in wanted.items():
+        typed = getattr(args, name)
+        if value is None:
+            continue                      # an older checkpoint that did not record it
+        if typed is None:
+            setattr(args, name, value)
+        elif name == "iters":
+            pass                          # continuing further is what --iters is for
+        elif not _same_setting(name, typed, value):
+            flag = "--" + name.replace("_", "-")
+            raise CommandError(
+                f"--resume: {flag} {typed} contradicts the run in {str(out)!r}, which was "
+                f"trained with {flag} {value}; a resumed run keeps its settings and data - "
+                f"leave {flag} out, or start a new run with another --out")
+    _fill_train_defaults(args)
+
+
+def _same_setting(name, typed, saved) -> bool:
+    if name in ("dataset", "images") and typed != "shapes" and saved != "shapes":
+        return os.path.abspath(str(typed)) == os.path.abspath(str(saved))
+    return typed == saved
+
+
 def cmd_train(args) -> int:
+    from minimask import runs
     from minimask.train import TrainSettings, train
 
     _use_backend(args.backend)
+    if args.resume:
+        if args.overwrite:
+            raise CommandError("--resume continues a run and --overwrite replaces it: "
+                               "give one of them")
+        out = Path(args.out) if args.out is not None else runs.latest_run_dir(
+            TrainSettings().out)
+        if not (out / "checkpoint.npz").is_file():
+            raise CommandError(f"--resume: no checkpoint to resume from in {str(out)!r} "
+                               f"({out / 'checkpoint.npz'} does not exist)")
+        _resume_from_checkpoint(args, out)
+    else:
+        _fill_train_defaults(args)
+        if args.out is None:
+            out = runs.fresh_run_dir(TrainSettings().out)
+        else:
+            out = Path(args.out)
+            if runs.holds_run(out) and not args.overwrite:
+                runs.start_fresh(out)     # raises RunExists, one line
     dataset = open_dataset(args.dataset, args.images, args.image_size, seed=args.seed,
                            num_images=args.num_images)
-    out = Path(args.out)
-    if args.resume and not (out / "checkpoint.npz").is_file():
-        raise CommandError(f"--resume: no checkpoint to resume from in {str(out)!r} "
-                           f"({out / 'checkpoint.npz'} does not exist)")
+    if not args.resume:
+        runs.start_fresh(out, overwrite=args.overwrite)
     workers = args.workers or default_workers(args.batch_size, args.backend)
     if workers > args.batch_size:
         raise CommandError(f"--workers {workers} is more than --batch-size {args.batch_size}: "
@@ -386,13 +484,20 @@ def cmd_train(args) -> int:
                            "with --backend cuda")
     settings = TrainSettings(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, out=str(out), resume=args.resume,
-                             progress=not args.no_progress, workers=workers)
+                             progress=not args.no_progress, workers=workers,
+                             checkpoint_every=args.checkpoint_every)
     start = _start_model(args, dataset)
     print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
           f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
           f"{args.backend}, {workers} worker{'s' if workers > 1 else ''}, writing to {out}")
     model = train(dataset, settings, model=start)
     print(f"checkpoint:  {out / 'checkpoint.npz'} (+ checkpoint.json)")
+    step = _checkpoint_step(out)
+    if step is not None and step < settings.iters:
+        # train() returns early only when Ctrl-C stopped it (after saving)
+        print(f"interrupted at step {step} of {settings.iters}; continue with: python -m "
+              f"minimask train --out {out} --resume", file=sys.stderr)
+        return 130
     print(f"metrics:     {out / 'metrics.jsonl'}")
     print(f"loss curves: {out / 'losses.png'}")
 
@@ -467,6 +572,14 @@ def _summarise(names):
         if top not in tops:
             tops.append(top)
     return ", ".join(tops) or "none"
+
+
+def _checkpoint_step(out: Path):
+    try:
+        step = json.loads((out / "checkpoint.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def cmd_export_shapes(args) -> int:

@@ -199,9 +199,15 @@ def paste_mask(mask, box, height: int, width: int) -> np.ndarray:
     v0 = np.minimum(np.floor(v).astype(int), m_h - 2) if m_h > 1 else np.zeros_like(v, int)
     fu, fv = u - u0, v - v0
     u1, v1 = np.minimum(u0 + 1, m_w - 1), np.minimum(v0 + 1, m_h - 1)
-    top = mask[v0][:, u0] * (1 - fu) + mask[v0][:, u1] * fu
-    bottom = mask[v1][:, u0] * (1 - fu) + mask[v1][:, u1] * fu
-    out[i0:i1 + 1, j0:j1 + 1] = top * (1 - fv[:, None]) + bottom * fv[:, None]
+    # interpolate along x once per mask row, then along y a band of rows at
+    # a time: the float64 temporaries of a box as large as a 5000 x 5000
+    # photo would otherwise take gigabytes (the values are the same)
+    across = mask[:, u0] * (1 - fu) + mask[:, u1] * fu          # (m_h, box width)
+    band = max(1, (1 << 22) // max(1, len(u)))
+    for start in range(0, len(v), band):
+        rows = slice(start, start + band)
+        out[i0 + start:i0 + start + len(v[rows]), j0:j1 + 1] = (
+            across[v0[rows]] * (1 - fv[rows, None]) + across[v1[rows]] * fv[rows, None])
     return out
 
 

@@ -243,9 +243,11 @@ def save_npz(path, arrays: dict[str, np.ndarray], metadata: dict | None = None) 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):   # a full disk says only "No space left on device"
+            raise OSError(e.errno, f"cannot write {path!r}: {e.strerror or e}") from None
         raise
 
 
@@ -253,14 +255,22 @@ def load_npz(path) -> tuple[dict[str, np.ndarray], dict]:
     """Load ``(arrays, metadata)`` saved by ``save_npz``, without pickle.
 
     A missing, truncated or otherwise unreadable file raises ``ValueError``
-    saying which file and why.
+    saying which file and why. So does an array that is not floating point
+    (minimask saves only float32/float64 arrays; integers in their place
+    mean the values were rounded on the way) and an array whose header
+    declares more data than its file holds (checked before anything is
+    allocated).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"weights file {path!r} is a directory, not a .npz file (give the "
+                         f"checkpoint inside it, e.g. {os.path.join(path, 'checkpoint.npz')!r})")
     if not os.path.isfile(path):
         raise ValueError(f"weights file {path!r} does not exist")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"weights file {path!r} is not a readable .npz file (not a zip archive)")
     try:
+        _check_npz_headers(path)
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
@@ -269,9 +279,43 @@ def load_npz(path) -> tuple[dict[str, np.ndarray], dict]:
     if _METADATA_KEY in arrays:
         try:
             metadata = json.loads(arrays.pop(_METADATA_KEY).tobytes().decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"weights file {path!r} has corrupt metadata ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"weights file {path!r} has corrupt metadata "
+                             f"({type(e).__name__}: {str(e)[:80]})") from None
+    for name, value in arrays.items():
+        if value.dtype.kind != "f":
+            raise ValueError(f"weights file {path!r}: array {name!r} is {value.dtype}, not "
+                             f"floating point; minimask saves float32/float64 arrays, and "
+                             f"loading these would use values rounded to integers")
     return arrays, metadata
+
+
+def _check_npz_headers(path) -> None:
+    """Read each member's ``.npy`` header and compare the bytes its shape
+    and dtype declare with the bytes the member holds, so that a header
+    claiming 10^12 elements is refused instead of allocated."""
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"array {info.filename[:-4]!r} has an unknown .npy "
+                                     f"version {version}")
+                header_bytes = f.tell()
+            if dtype.hasobject:
+                raise ValueError(f"array {info.filename[:-4]!r} holds Python objects, which "
+                                 f"are never loaded (no pickle)")
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            held = info.file_size - header_bytes
+            if declared != held:
+                raise ValueError(f"array {info.filename[:-4]!r} declares shape {shape} "
+                                 f"{dtype} ({declared} bytes) but holds {held} bytes")
 
 
 class SGD:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minimask.data.coco import mask_to_rle  # (H, W) bool -> {"size", "counts": str}
+from minimask.data.coco import image_to_rgb, mask_to_rle  # mask_to_rle: (H, W) bool -> {"size", "counts": str}
 from minimask.masks import background_fraction, paste_masks
 
 DEFAULT_IMAGE_SIZE = 128
@@ -90,20 +90,18 @@ def read_rgb(path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                grey = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") else max(float(grey.max()), 1.0)
-                grey = np.clip(np.rint(grey / peak * 255), 0, 255).astype(np.uint8)
-                rgb = np.repeat(grey[:, :, None], 3, axis=2)
-            elif img.mode == "P" and "transparency" in img.info:
-                rgb = np.asarray(img.convert("RGBA").convert("RGB"), dtype=np.uint8)
-            else:
-                rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            rgb = image_to_rgb(img, f"image {path!r}")
     except UnidentifiedImageError:
         raise ValueError(f"image {path!r} is not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged files
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path!r} is too large to read safely ({e})") from None
+    except (OSError, SyntaxError) as e:  # truncated or damaged files
         raise ValueError(f"image {path!r} could not be read ({e})") from None
-    return np.ascontiguousarray(rgb)
+    except ValueError as e:
+        if str(e).startswith(f"image {path!r}"):
+            raise
+        raise ValueError(f"image {path!r} could not be read ({e})") from None
+    return rgb
 
 
 def prepare_image(rgb: np.ndarray, size: int):
@@ -243,10 +241,16 @@ def detections_to_json(detections: dict, class_names) -> dict:
             "instances": instances}
 
 
+MAX_OVERLAY_SIDE = 1024
+
+
 def save_overlay(image, detections: dict, path, class_names=None, title=None) -> Path:
     """Draw ``image`` (H, W, 3) uint8 with its detections (tinted masks and
     their outlines, boxes, class names and scores) and save it as a PNG at
-    about the image's own resolution (at least 4 inches wide)."""
+    about the image's own resolution (at least 4 inches wide), at most
+    ``MAX_OVERLAY_SIDE`` pixels on the longer side: a larger photo is drawn
+    scaled down (masks nearest-neighbour), since drawing a 5000 x 5000
+    overlay at full size takes several gigabytes in matplotlib."""
     # a bare Figure (no pyplot): nothing to close, no GUI backend chosen,
     # and a notebook's inline backend is left alone
     from matplotlib.figure import Figure
@@ -254,18 +258,37 @@ def save_overlay(image, detections: dict, path, class_names=None, title=None) ->
     from minimask.viz.detection import overlay_masks
 
     image = np.asarray(image)
+    if max(image.shape[:2]) > MAX_OVERLAY_SIDE:
+        image, detections = _scaled_down(image, detections, MAX_OVERLAY_SIDE)
     H, W = image.shape[:2]
     dpi = 100
     width_in = max(4.0, W / dpi)
     fig = Figure(figsize=(width_in, width_in * H / W + (0.3 if title else 0)), dpi=dpi)
     ax = fig.add_axes([0, 0, 1, 1 if not title else 1 - 0.3 / (width_in * H / W + 0.3)])
-    overlay_masks(image.astype(np.float64) / 255.0, detections["masks"],
+    overlay_masks(image.astype(np.float32) / np.float32(255.0), detections["masks"],
                   boxes=detections["boxes"], labels=detections["labels"],
                   scores=detections["scores"], class_names=class_names, ax=ax, title=title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def _scaled_down(image, detections: dict, side: int):
+    """The image resized so its longer side is ``side`` and its detections
+    with it (boxes scaled, masks sampled nearest-neighbour at pixel centres)."""
+    from PIL import Image
+
+    H, W = image.shape[:2]
+    h, w = resized_shape(H, W, side)
+    small = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+    rows = np.minimum(((np.arange(h) + 0.5) * H / h).astype(int), H - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * W / w).astype(int), W - 1)
+    masks = np.asarray(detections["masks"])
+    masks = masks[:, rows][:, :, cols] if len(masks) else np.zeros((0, h, w), bool)
+    boxes = np.asarray(detections["boxes"], np.float64).reshape(-1, 4) * [w / W, h / H,
+                                                                         w / W, h / H]
+    return small, {**detections, "masks": masks, "boxes": boxes}
 
 
 def crop_window(box, height: int, width: int):
@@ -345,9 +368,13 @@ def format_crop_line(record: dict) -> str:
 
 
 def write_json(path, payload) -> Path:
+    """Write ``payload`` as JSON through a temporary file and a rename; a
+    failed write (a full disk) names the file."""
+    from minimask.runs import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    write_text_atomic(path, json.dumps(payload, indent=1))
     return path
 
 

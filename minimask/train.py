@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minimask import runs
 from minimask.model import Config, RetinaMask
 from minimask.nn import SGD, load_npz, save_npz
 
@@ -156,9 +157,7 @@ def save_checkpoint(out: Path, model: RetinaMask, optimizer: SGD, step: int,
     arrays = model.state_dict()
     arrays.update({f"optimizer.{k}": v for k, v in optimizer.state_dict().items()})
     save_npz(out / "checkpoint.npz", arrays, meta)
-    tmp = out / ".checkpoint.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, out / "checkpoint.json")
+    runs.write_text_atomic(out / "checkpoint.json", json.dumps(meta, indent=2))
 
 
 def load_model(weights_path, num_classes: int | None = None) -> tuple[RetinaMask, dict]:
@@ -166,6 +165,7 @@ def load_model(weights_path, num_classes: int | None = None) -> tuple[RetinaMask
     metadata. Raises ValueError (saying which file and why) for a missing,
     corrupt or mismatched file."""
     arrays, meta = load_npz(weights_path)
+    runs.check_metadata(weights_path, meta)
     if "config" not in meta:
         raise ValueError(f"weights file {str(weights_path)!r} has no model config in its metadata")
     try:
@@ -215,6 +215,8 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     the optimiser, so they keep their values bit for bit."""
     s = settings.validated()
     out = Path(s.out)
+    if not s.resume:
+        runs.start_fresh(out, log=log)  # a folder holding a run is refused, never emptied
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     start = 0
@@ -224,8 +226,9 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
         optimizer = SGD(_trainable(model), lr=s.lr, momentum=s.momentum,
                         weight_decay=s.weight_decay)
         optimizer.load_state_dict(meta["_optimizer"])
-        start = int(meta["step"])
-        running = {k: float(v) for k, v in meta.get("running", {}).items()}
+        start, running = runs.resume_state(ckpt, meta)
+        runs.check_resume_settings(ckpt, meta, s)
+        runs.clean_temporaries(out, log)
         log(f"resumed from {ckpt} at step {start}")
         before = meta.get("settings", {}).get("workers", 1)
         if before != s.workers:
@@ -235,10 +238,7 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
         if start >= s.iters:
             log(f"the checkpoint is already at step {start}, at or past --iters {s.iters}: "
                 f"nothing to train (raise --iters to continue)")
-        if metrics_path.exists():  # drop lines logged after the checkpoint
-            kept = [l for l in metrics_path.read_text().splitlines()
-                    if l.strip() and json.loads(l)["step"] <= start]
-            metrics_path.write_text("".join(k + "\n" for k in kept))
+        runs.repair_metrics(metrics_path, start, log)  # drop lines logged after the checkpoint
     else:
         if model is not None:
             config = model.config
@@ -256,7 +256,8 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     params = _trainable(model)
     # what predict needs to prepare images like the training ones
     about = {"image_size": int(dataset_image_size(dataset)),
-             "class_names": list(getattr(dataset, "class_names", []))}
+             "class_names": list(getattr(dataset, "class_names", [])),
+             "dataset": runs.describe_dataset(dataset)}
 
     # Ctrl-C: finish the step in flight, save, and leave.
     interrupted = []
@@ -292,9 +293,8 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
                 running[k] = losses[k] if k not in running else 0.9 * running[k] + 0.1 * losses[k]
             done = step + 1
             if done % s.log_every == 0 or done == s.iters:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": done, "lr": lr, "grad_norm": grad_norm,
-                                        "seconds": time.time() - t0, **running}) + "\n")
+                runs.append_metrics(metrics_path, {"step": done, "lr": lr, "grad_norm": grad_norm,
+                                                   "seconds": time.time() - t0, **running})
             if s.progress:
                 _progress(done, s.iters, start, t0, running, lr)
             if done % s.checkpoint_every == 0 or done == s.iters:

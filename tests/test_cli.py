@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from minimask.__main__ import build_parser, main
+from minimask.__main__ import _fill_train_defaults, build_parser, main
 from minimask.masks import background_fraction, box_mask, paste_masks
 from minimask.predict import (crop_window, load_image, predict_array, predict_steps,
                               rle_to_mask)
@@ -119,9 +119,14 @@ def test_train_help_shows_the_train_settings_defaults(capsys):
     _, out, _ = _run(capsys, ["train", "--help"])
     flat = " ".join(out.split())
     for option, value in [("--iters", defaults.iters), ("--lr", defaults.lr),
-                          ("--batch-size", defaults.batch_size), ("--out", defaults.out)]:
+                          ("--batch-size", defaults.batch_size),
+                          ("--out", f"a new one, {defaults.out}")]:
         assert option in flat and f"default: {value}" in flat, (option, value, flat)
+    # the settings are None when not typed (so --resume can tell), then filled in
     args = build_parser().parse_args(["train"])
+    assert args.lr is None and args.seed is None and args.out is None
+    _fill_train_defaults(args)
+    args.out = defaults.out
     assert (args.iters, args.lr, args.batch_size, args.out, args.dataset, args.backend,
             args.image_size, args.num_images) == (defaults.iters, defaults.lr,
                                                   defaults.batch_size, defaults.out,

@@ -411,6 +411,26 @@ BAD_FILES = [
     (_set(("images", 0, "file_name"), KeyError), r"image 0: missing field 'file_name'"),
     (_set(("categories", 0, "name"), KeyError), r"category 0: missing field 'name'"),
     (_set(("categories",), []), r"'categories' is empty"),
+    # issue 10: hostile and careless inputs
+    (_set((*A, "segmentation"), {"size": [8, 8], "counts": "<SHORT>"}),
+     r"annotation 0 \(id 4\): field 'segmentation' RLE 'counts' \(a compressed string\) add up to 16, not height x width = 64"),
+    (_set((*A, "segmentation"), {"size": [8, 8], "counts": ""}), r"add up to 0, not"),
+    (_set((*A, "segmentation"), {"size": [8, 8], "counts": "zzzz"}),
+     r"annotation 0 \(id 4\): field 'segmentation' RLE 'counts' is not a valid compressed RLE string: character 'z'"),
+    (_set((*A, "segmentation"), {"size": [8, 8], "counts": "`"}), r"ends in the middle of a count"),
+    (_set((*A, "segmentation"), {"size": [100000, 100000], "counts": "0"}), r"over the limit"),
+    (_set((*A, "segmentation"), [[1, 1, 5e9, 1, 5, 5e11]]), r"polygon 0 has a coordinate beyond"),
+    (_set((*A, "segmentation"), [[1, 1, 50, 1, 5, 5]]), r"polygon 0 reaches x in \[1, 50\].*far outside the 8x8"),
+    (_set((*A, "area"), -1), r"annotation 0 \(id 4\): field 'area' must be a number >= 0"),
+    (_set((*A, "area"), float("nan")), r"field 'area' must be a number >= 0"),
+    (_set((*A, "area"), "16"), r"field 'area' must be a number >= 0"),
+    (_set((*A, "area"), 65), r"field 'area' 65 is more than the image's 8 x 8 = 64 pixels"),
+    (_set((*A, "bbox"), [1, 1, 40, 4]), r"field 'bbox' \[1, 1, 40, 4\] .* reaches outside the 8x8"),
+    (_set((*A, "bbox"), [-5, 1, 4, 4]), r"field 'bbox' .* reaches outside"),
+    (_set((*A, "image_id"), [1]), r"annotation 0 \(id 4\): field 'image_id' must be an integer id, got \[1\]"),
+    (_set((*A, "category_id"), {}), r"field 'category_id' must be an integer id, got \{\}"),
+    (_set(("images",), []), r"'images' is empty"),
+    (_set(("images", 0, "height"), 10**8), r"image 0 \(id 1\): height x width = 100000000 x 8 is over"),
 ]
 
 
@@ -418,7 +438,8 @@ BAD_FILES = [
                          ids=[m[:40] for _, m in BAD_FILES])
 def test_malformed_file_raises_one_clear_error(tmp_path, change, message):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps(change(_good())))
+    short = mask_to_rle(np.ones((4, 4), bool))["counts"]   # a valid string for 16 pixels
+    path.write_text(json.dumps(change(_good())).replace("<SHORT>", short))
     with pytest.raises(ValueError, match=message) as info:
         CocoDataset(path, tmp_path)
     assert "bad.json" in str(info.value)                # names the file
@@ -466,3 +487,72 @@ def test_bad_image_size_argument(tmp_path):
     for bad in (0, 4, 12.5, True):
         with pytest.raises(ValueError, match="image_size"):
             CocoDataset(path, tmp_path, image_size=bad)
+
+
+# ---------------------------------------------------------------- issue 10
+
+
+def test_a_string_rle_that_adds_up_is_read_the_same_every_time(tmp_path):
+    mask = rect_mask(8, 8, 1, 2, 6, 7)
+    data = _good()
+    data["annotations"][0]["segmentation"] = mask_to_rle(mask)
+    data["annotations"][0].pop("bbox")
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(data))
+    rgb_image(8, 8).save(tmp_path / "a.png")
+    coco = CocoDataset(path, tmp_path, image_size=8)
+    for _ in range(3):
+        np.testing.assert_array_equal(coco[0][1]["masks"][0], mask)
+
+
+def test_deeply_nested_json_is_one_clear_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match=r"deep.json.* nests too deeply"):
+        CocoDataset(path, tmp_path)
+
+
+def test_far_polygon_is_refused_when_the_size_comes_from_the_file(tmp_path):
+    path, images = write_coco(tmp_path, [(1, "a.png", rgb_image(8, 8), None)],
+                              [ann(3, 1, [[1, 1, 5, 1, 5, 4e5]])])
+    coco = CocoDataset(path, images, image_size=8)     # no height/width in the JSON
+    with pytest.raises(ValueError, match=r"ann.json: annotation \(id 3\): field 'segmentation' "
+                                         r"polygon 0 reaches .* far outside the 8x8"):
+        coco[0]
+    with pytest.raises(ValueError, match=r"far outside"):
+        coco.ground_truth()
+
+
+def test_bbox_outside_the_image_is_refused_for_evaluation_too(tmp_path):
+    path, images = write_coco(tmp_path, [(1, "a.png", rgb_image(8, 8), None)],
+                              [ann(3, 1, rect_polygon(1, 1, 5, 5), bbox=[1, 1, 4, 40])])
+    with pytest.raises(ValueError, match=r"annotation \(id 3\): field 'bbox' .* outside"):
+        CocoDataset(path, images, image_size=8).ground_truth()
+
+
+def test_image_over_the_decompression_bomb_limit(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+    path, images = write_coco(tmp_path, [(1, "a.png", rgb_image(16, 16), (16, 16))], [])
+    coco = CocoDataset(path, images, image_size=16)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)   # 256 pixels > 2 x 100
+    with pytest.raises(ValueError, match=r"a.png' \(image id 1\) is too large to read safely"):
+        coco[0]
+
+
+def test_float_tiff_in_0_1_is_not_read_as_black(tmp_path):
+    grey = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    (tmp_path / "img").mkdir()
+    Image.fromarray(grey, mode="F").save(tmp_path / "img" / "f.tif")
+    path, images = write_coco(tmp_path, [(1, "f.tif", None, None)], [])
+    image, _ = CocoDataset(path, images, image_size=8)[0]
+    np.testing.assert_allclose(image[0], np.rint(grey * 255) / 255, atol=1e-6)
+    np.testing.assert_array_equal(image[0], image[2])
+
+
+def test_float_tiff_with_nan_is_refused(tmp_path):
+    grey = np.full((8, 8), np.nan, dtype=np.float32)
+    (tmp_path / "img").mkdir()
+    Image.fromarray(grey, mode="F").save(tmp_path / "img" / "f.tif")
+    path, images = write_coco(tmp_path, [(1, "f.tif", None, None)], [])
+    with pytest.raises(ValueError, match=r"f.tif' \(image id 1\) is a floating-point image with NaN"):
+        CocoDataset(path, images, image_size=8)[0]

@@ -78,6 +78,13 @@ def mask_to_rle(mask) -> dict:
             "counts": rle["counts"].decode("ascii")}
 
 
+# Images over Pillow's decompression-bomb limit are refused (Pillow raises
+# at twice its MAX_IMAGE_PIXELS); so are JSON sizes and RLE sizes above it.
+MAX_PIXELS = 2 * 89_478_485
+# polygon coordinates beyond this are refused whatever the image's size
+MAX_COORDINATE = 1e6
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
         and np.isfinite(v)
@@ -154,6 +161,40 @@ def _float_image_to_uint8(image) -> np.ndarray:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must have shape (3, H, W), got {image.shape}")
     return np.clip(np.rint(np.transpose(image, (1, 2, 0)) * 255.0), 0, 255).astype(np.uint8)
+
+
+def image_to_rgb(im, where: str = "image") -> np.ndarray:
+    """A loaded Pillow image as ``(H, W, 3)`` uint8 RGB, whatever its mode:
+    greyscale is repeated over the channels; 16-bit greyscale is scaled to
+    8 bits (32-bit integer by its maximum); floating-point images (mode
+    ``F``, e.g. a float32 TIFF) are read as [0, 1] when all values lie
+    there, else as [0, 255], and refused when a value is NaN, infinite or
+    outside [0, 255]; palette images are looked up; alpha is dropped.
+    ``predict`` and ``CocoDataset`` both read images through it, so a model
+    sees the same pixels at training and at prediction time."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") else max(float(grey.max()), 1.0)
+        grey = np.clip(np.rint(grey / peak * 255), 0, 255).astype(np.uint8)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    elif im.mode == "F":
+        grey = np.asarray(im, dtype=np.float64)
+        if grey.size and not np.all(np.isfinite(grey)):
+            raise ValueError(f"{where} is a floating-point image with NaN or infinite pixels")
+        low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+        if low < 0 or high > 255:
+            raise ValueError(f"{where} is a floating-point image with values in [{low:g}, "
+                             f"{high:g}]; expected [0, 1] or [0, 255]")
+        peak = 1.0 if high <= 1.0 else 255.0
+        grey = np.clip(np.rint(grey / peak * 255), 0, 255).astype(np.uint8)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    elif im.mode == "P" and "transparency" in im.info:
+        rgb = np.asarray(im.convert("RGBA").convert("RGB"), dtype=np.uint8)
+    elif im.mode == "RGB":
+        rgb = np.asarray(im, dtype=np.uint8)     # no converted copy of a large photo
+    else:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(rgb)
 
 
 # ----------------------------------------------------------------------------
@@ -246,6 +287,9 @@ def _read_json(path: Path) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"annotation file {str(path)!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"annotation file {str(path)!r} nests too deeply to be read (a COCO "
+                         f"file is a few levels deep)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a COCO file must hold a JSON object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -254,6 +298,8 @@ def _read_json(path: Path) -> dict:
                              "'annotations' and 'categories')")
         if not isinstance(data[key], list):
             raise ValueError(f"{path}: {key!r} must be a list, got {type(data[key]).__name__}")
+    if not data["images"]:
+        raise ValueError(f"{path}: 'images' is empty; a dataset needs at least one image")
     return data
 
 
@@ -276,6 +322,9 @@ def _check_images(path, images) -> dict:
                                      and img[field] > 0):
                 raise ValueError(f"{where} (id {img['id']}): field {field!r} must be a "
                                  f"positive integer, got {img[field]!r}")
+        if "height" in img and "width" in img and img["height"] * img["width"] > MAX_PIXELS:
+            raise ValueError(f"{where} (id {img['id']}): height x width = {img['height']} x "
+                             f"{img['width']} is over the limit of {MAX_PIXELS} pixels")
         if img["id"] in by_id:
             raise ValueError(f"{where}: field 'id' {img['id']} is used by an earlier image")
         by_id[img["id"]] = img
@@ -301,6 +350,53 @@ def _check_categories(path, categories) -> list:
     return sorted(ids.items())
 
 
+def _check_polygon_extent(where: str, seg, height: int, width: int) -> None:
+    """Every vertex within the image grown by its own size on each side
+    (x in [-W, 2W], y in [-H, 2H]): pycocotools rasterises a polygon edge by
+    edge at 5x resolution in 32-bit ints, so coordinates of 10^8 and more
+    exhaust memory or crash it (exit 139)."""
+    for k, poly in enumerate(seg):
+        xs, ys = np.asarray(poly[0::2], np.float64), np.asarray(poly[1::2], np.float64)
+        if xs.min() < -width or xs.max() > 2 * width or ys.min() < -height \
+                or ys.max() > 2 * height:
+            raise ValueError(f"{where}: field 'segmentation' polygon {k} reaches "
+                             f"x in [{xs.min():g}, {xs.max():g}], y in [{ys.min():g}, "
+                             f"{ys.max():g}], far outside the {width}x{height} (WxH) image "
+                             f"(vertices must lie within x in [-{width}, {2 * width}], "
+                             f"y in [-{height}, {2 * height}])")
+
+
+def _rle_string_counts(counts: str) -> list[int] | str:
+    """The run lengths of a compressed COCO RLE string (pycocotools'
+    format: each count in 5-bit groups, characters 48..111, bit 0x20 =
+    "more groups follow", bit 0x10 of the last group = sign, and from the
+    third count on, each stored as the difference to the count two before),
+    or a string saying why it is not one."""
+    out, p, n = [], 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return "it ends in the middle of a count"
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return f"character {counts[p]!r} at position {p} is outside '0'..'o'"
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if k > 7:
+                return f"a count at position {p} is too long"
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        if x < 0:
+            return f"count {len(out)} is negative ({x})"
+        out.append(x)
+    return out
+
+
 def _check_segmentation(where: str, seg, image) -> None:
     if isinstance(seg, list):
         if not seg:
@@ -309,12 +405,18 @@ def _check_segmentation(where: str, seg, image) -> None:
             if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
                 raise ValueError(f"{where}: field 'segmentation' polygon {k} must be a list "
                                  f"of numbers [x1, y1, x2, y2, ...], got {poly!r:.80}")
+            if any(abs(v) > MAX_COORDINATE for v in poly):
+                raise ValueError(f"{where}: field 'segmentation' polygon {k} has a coordinate "
+                                 f"beyond +-{MAX_COORDINATE:g} pixels "
+                                 f"({max(poly, key=abs):g})")
             if len(poly) % 2:
                 raise ValueError(f"{where}: field 'segmentation' polygon {k} has an odd "
                                  f"count of numbers ({len(poly)}); it needs (x, y) pairs")
             if len(poly) < 6:
                 raise ValueError(f"{where}: field 'segmentation' polygon {k} has "
                                  f"{len(poly) // 2} points; a polygon needs at least 3")
+        if image.get("height") and image.get("width"):
+            _check_polygon_extent(where, seg, image["height"], image["width"])
         return
     if isinstance(seg, dict):
         if "size" not in seg or "counts" not in seg:
@@ -325,6 +427,9 @@ def _check_segmentation(where: str, seg, image) -> None:
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
             raise ValueError(f"{where}: field 'segmentation' RLE 'size' must be [height, "
                              f"width], got {size!r}")
+        if size[0] * size[1] > MAX_PIXELS:
+            raise ValueError(f"{where}: field 'segmentation' RLE 'size' {size} is over the "
+                             f"limit of {MAX_PIXELS} pixels")
         counts = seg["counts"]
         if isinstance(counts, list):
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
@@ -333,7 +438,18 @@ def _check_segmentation(where: str, seg, image) -> None:
             if sum(counts) != size[0] * size[1]:
                 raise ValueError(f"{where}: field 'segmentation' RLE 'counts' add up to "
                                  f"{sum(counts)}, not height x width = {size[0] * size[1]}")
-        elif not isinstance(counts, str):
+        elif isinstance(counts, str):
+            # pycocotools decodes a string whose counts fall short of H x W
+            # from uninitialised memory: a different mask on every read
+            runs = _rle_string_counts(counts)
+            if isinstance(runs, str):
+                raise ValueError(f"{where}: field 'segmentation' RLE 'counts' is not a valid "
+                                 f"compressed RLE string: {runs}")
+            if sum(runs) != size[0] * size[1]:
+                raise ValueError(f"{where}: field 'segmentation' RLE 'counts' (a compressed "
+                                 f"string) add up to {sum(runs)}, not height x width = "
+                                 f"{size[0] * size[1]}")
+        else:
             raise ValueError(f"{where}: field 'segmentation' RLE 'counts' must be a list "
                              f"of ints or a compressed string, got {type(counts).__name__}")
         expected = [image.get("height"), image.get("width")]
@@ -353,6 +469,10 @@ def _check_annotations(path, annotations, images_by_id, category_ids) -> None:
         for field in ("image_id", "category_id", "segmentation"):
             if field not in ann:
                 raise ValueError(f"{where}: missing field {field!r}")
+        for field in ("image_id", "category_id"):
+            if isinstance(ann[field], bool) or not isinstance(ann[field], int):
+                raise ValueError(f"{where}: field {field!r} must be an integer id, got "
+                                 f"{ann[field]!r:.60}")
         if ann["image_id"] not in images_by_id:
             raise ValueError(f"{where}: field 'image_id' {ann['image_id']!r} is not the id "
                              "of any image in 'images'")
@@ -367,9 +487,30 @@ def _check_annotations(path, annotations, images_by_id, category_ids) -> None:
             if bbox[2] <= 0 or bbox[3] <= 0:
                 raise ValueError(f"{where}: field 'bbox' must have positive width and "
                                  f"height, got {bbox!r}")
+        if "area" in ann and not (_is_number(ann["area"]) and ann["area"] >= 0):
+            raise ValueError(f"{where}: field 'area' must be a number >= 0 (the mask's "
+                             f"pixels), got {ann['area']!r:.60}")
+        image = images_by_id[ann["image_id"]]
+        if image.get("height") and image.get("width"):
+            _check_area_and_bbox(where, ann, image["height"], image["width"])
         if ann.get("iscrowd", 0) not in (0, 1):
             raise ValueError(f"{where}: field 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
         _check_segmentation(where, ann["segmentation"], images_by_id[ann["image_id"]])
+
+
+def _check_area_and_bbox(where: str, ann, height: int, width: int) -> None:
+    """``bbox`` inside the image (one pixel of slack for rounding) and
+    ``area`` at most the image's pixels: evaluation scores boxes against
+    ``bbox`` and sorts objects into small/medium/large by ``area``, so a
+    wrong value would silently change the reported AP."""
+    if "bbox" in ann:
+        x, y, w, h = ann["bbox"]
+        if x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+            raise ValueError(f"{where}: field 'bbox' {ann['bbox']} [x, y, width, height] "
+                             f"reaches outside the {width}x{height} (WxH) image")
+    if "area" in ann and ann["area"] > height * width:
+        raise ValueError(f"{where}: field 'area' {ann['area']:g} is more than the image's "
+                         f"{height} x {width} = {height * width} pixels")
 
 
 def _segmentation_to_mask(seg, height: int, width: int) -> np.ndarray:
@@ -503,15 +644,20 @@ class CocoDataset:
                 min(self.image_size, max(1, round(W * s))))
 
     # -- reading -------------------------------------------------------------
+    def _where(self, index: int) -> str:
+        return f"image file {str(self.image_path(index))!r} (image id {self.image_id(index)})"
+
     def _open(self, index: int):
         from PIL import Image, UnidentifiedImageError
         path = self.image_path(index)
-        where = f"image file {str(path)!r} (image id {self.image_id(index)})"
+        where = self._where(index)
         try:
             im = Image.open(path)
             im.load()
         except FileNotFoundError:
             raise ValueError(f"{where} does not exist") from None
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{where} is too large to read safely ({e})") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"{where} cannot be read as an image: {e}") from None
         return im
@@ -520,15 +666,7 @@ class CocoDataset:
         """The image as (H, W, 3) uint8, whatever its mode."""
         im = self._open(index)
         with im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):   # 16-bit greyscale
-                grey = np.asarray(im, dtype=np.float64)
-                peak = 65535.0 if im.mode.startswith("I;16") else max(float(grey.max()), 1.0)
-                grey = np.clip(np.rint(grey / peak * 255), 0, 255).astype(np.uint8)
-                rgb = np.repeat(grey[:, :, None], 3, axis=2)
-            elif im.mode == "P" and "transparency" in im.info:
-                rgb = np.asarray(im.convert("RGBA").convert("RGB"))
-            else:
-                rgb = np.asarray(im.convert("RGB"))
+            rgb = image_to_rgb(im, self._where(index))
         H, W = self.original_size(index)
         if rgb.shape[:2] != (H, W):
             raise ValueError(f"image file {str(self.image_path(index))!r} is "
@@ -552,6 +690,7 @@ class CocoDataset:
         for ann in self._anns[self.image_id(index)]:
             if ann.get("iscrowd", 0) == 1:
                 continue
+            self._check_against_size(ann, H, W)
             small = _resize_mask(_segmentation_to_mask(ann["segmentation"], H, W), h, w)
             if not small.any():
                 continue
@@ -567,6 +706,14 @@ class CocoDataset:
             boxes = np.zeros((0, 4), dtype=np.float32)
         return image, {"boxes": boxes, "labels": np.asarray(labels, dtype=np.int64),
                        "masks": masks}
+
+    def _check_against_size(self, ann, H: int, W: int) -> None:
+        """The checks that need the image's size, for images whose size the
+        JSON leaves out (known only once the file is read)."""
+        where = f"{self.annotations_path}: annotation (id {ann.get('id', '?')})"
+        if isinstance(ann["segmentation"], list):
+            _check_polygon_extent(where, ann["segmentation"], H, W)
+        _check_area_and_bbox(where, ann, H, W)
 
     # -- for evaluation --------------------------------------------------------
     def ground_truth(self) -> dict:
@@ -588,6 +735,7 @@ class CocoDataset:
                 ann["id"], next_id = next_id, next_id + 1
             seen.add(ann["id"])
             ann.setdefault("iscrowd", 0)
+            self._check_against_size(ann, *sizes[ann["image_id"]])
             if "area" not in ann or "bbox" not in ann:
                 H, W = sizes[ann["image_id"]]
                 mask = _segmentation_to_mask(ann["segmentation"], H, W)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 PRESETS = {
@@ -142,46 +143,32 @@ class Config:
         return cls(**{**PRESETS[name], "preset_name": name, **overrides}).validated()
 
     def validated(self) -> "Config":
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        if self.block not in ("basic", "bottleneck"):
-            raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
-        if len(self.blocks) != 4 or len(self.widths) != 4:
-            raise ValueError("blocks and widths must give four stages")
-        if len(self.strides) != 5 or len(self.anchor_sizes) != 5:
-            raise ValueError("strides and anchor_sizes must give five levels (P3..P7)")
-        if self.mask_size % 2:
-            raise ValueError(f"mask_size must be even (RoIAlign gives half of it), got {self.mask_size}")
-        if self.mask_channels is not None and self.mask_channels < 1:
-            raise ValueError(f"mask_channels must be a positive width or None, got {self.mask_channels}")
-        if not 3 <= self.roi_min_level <= self.roi_max_level <= 7:
-            raise ValueError("mask RoI levels must lie within P3..P7")
+        """Check every field's type and range (``FIELD_RULES``) and the
+        fields that must agree with each other; raises ValueError naming
+        the field, what it holds and what is expected."""
+        for name, rule in FIELD_RULES.items():
+            problem = rule(getattr(self, name))
+            if problem:
+                raise ValueError(f"config field {name!r} must be {problem}, got "
+                                 f"{getattr(self, name)!r:.60}")
+        if self.neg_iou > self.pos_iou:
+            raise ValueError(f"config field 'neg_iou' ({self.neg_iou}) must not exceed "
+                             f"'pos_iou' ({self.pos_iou})")
+        if self.roi_min_level > self.roi_max_level:
+            raise ValueError(f"config fields 'roi_min_level' ({self.roi_min_level}) and "
+                             f"'roi_max_level' ({self.roi_max_level}) must give a range of "
+                             f"levels within P3..P7")
+        if not self.roi_min_level <= self.canonical_level <= self.roi_max_level:
+            raise ValueError(f"config field 'canonical_level' ({self.canonical_level}) must "
+                             f"lie within roi_min_level..roi_max_level")
         self._validate_pretrained_fields()
         return self
 
     def _validate_pretrained_fields(self) -> None:
-        """Checks of the issue-15 fields (kept apart from the others)."""
-        if self.backbone not in ("gn", "frozenbn"):
-            raise ValueError(f"backbone must be 'gn' or 'frozenbn', got {self.backbone!r}")
-        if isinstance(self.trainable_stages, bool) or not isinstance(self.trainable_stages, int) \
-                or not 0 <= self.trainable_stages <= 5:
-            raise ValueError(f"trainable_stages must be an integer in 0..5, got "
-                             f"{self.trainable_stages!r}")
+        """What the issue-15 fields need beyond their own rules."""
         if self.backbone == "frozenbn" and self.stem_kernel != 7:
-            raise ValueError("the 'frozenbn' backbone has torchvision's 7x7 stem; stem_kernel "
-                             f"must be 7, got {self.stem_kernel}")
-        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
-            raise ValueError("pixel_mean and pixel_std must give three values (one per channel)")
-        if not all(s > 0 for s in self.pixel_std):
-            raise ValueError(f"pixel_std must be positive, got {self.pixel_std}")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
-        if len(self.box_weights) != 4 or not all(w > 0 for w in self.box_weights):
-            raise ValueError(f"box_weights must be four positive numbers, got {self.box_weights}")
-        if self.p6_input not in ("p5", "c5"):
-            raise ValueError(f"p6_input must be 'p5' or 'c5', got {self.p6_input!r}")
+            raise ValueError("config field 'stem_kernel' must be 7 for the 'frozenbn' backbone "
+                             f"(torchvision's 7x7 stem), got {self.stem_kernel}")
 
     @property
     def num_anchors(self) -> int:
@@ -192,6 +179,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got "
+                             f"{type(d).__name__} {d!r:.40}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -201,3 +191,131 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+# ----------------------------------------------------------------------
+# What each field may hold. A rule returns None when the value is fine,
+# else what was expected ("an integer in [1, 4096]"). A new field gets a
+# line here; fields without a line are not checked.
+# ----------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(lo, hi=None, odd=False, even=False):
+    def rule(v):
+        ok = _is_int(v) and v >= lo and (hi is None or v <= hi) and not (odd and v % 2 == 0) \
+            and not (even and v % 2)
+        kind = "an odd" if odd else "an even" if even else "an"
+        return None if ok else (f"{kind} integer in [{lo}, {hi}]" if hi is not None
+                                else f"{kind} integer >= {lo}")
+    return rule
+
+
+def _real(lo, hi, lo_open=False, hi_open=False):
+    def rule(v):
+        ok = _is_real(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        return None if ok else (f"a number in {'(' if lo_open else '['}{lo:g}, "
+                                f"{hi:g}{')' if hi_open else ']'}")
+    return rule
+
+
+def _choice(*options):
+    return lambda v: None if isinstance(v, str) and v in options else f"one of {list(options)}"
+
+
+def _bool(v):
+    return None if isinstance(v, bool) else "true or false"
+
+
+def _str(v):
+    return None if isinstance(v, str) else "a string"
+
+
+def _sequence(length, item_rule, what):
+    def rule(v):
+        ok = isinstance(v, (tuple, list)) and (length is None and len(v) >= 1 or len(v) == length) \
+            and all(item_rule(x) is None for x in v)
+        count = f"{length} " if length is not None else "one or more "
+        return None if ok else f"{count}{what}"
+    return rule
+
+
+def _optional(rule):
+    def optional(v):
+        problem = rule(v)
+        return None if v is None or problem is None else f"null or {problem}"
+    return optional
+
+
+def _fixed(value, why):
+    return lambda v: None if isinstance(v, (tuple, list)) and tuple(v) == value else \
+        f"{list(value)} ({why})"
+
+
+MAX_WIDTH = 4096      # channels; ResNet-50's widest stage has 2048
+
+FIELD_RULES = {
+    "num_classes": _int(1, 100_000),
+    "preset_name": _str,
+    "dtype": _choice("float32", "float64"),
+    "seed": _int(0),
+    "stem_channels": _int(1, MAX_WIDTH),
+    "stem_kernel": _int(1, 15, odd=True),
+    "block": _choice("basic", "bottleneck"),
+    "blocks": _sequence(4, _int(1, 64), "integers in [1, 64] (blocks per stage)"),
+    "widths": _sequence(4, _int(1, MAX_WIDTH), f"integers in [1, {MAX_WIDTH}] (stage widths)"),
+    "fpn_channels": _int(1, MAX_WIDTH),
+    "head_convs": _int(0, 16),
+    "head_norm": _bool,
+    "class_prior": _real(0, 1, lo_open=True, hi_open=True),
+    "strides": _fixed((8, 16, 32, 64, 128), "the strides of P3..P7, fixed by the backbone"),
+    "anchor_sizes": _sequence(5, _real(1e-3, 1e5, lo_open=True),
+                              "positive numbers (one anchor size per level P3..P7)"),
+    "anchor_ratios": _sequence(None, _real(1e-3, 1e3), "numbers in [0.001, 1000]"),
+    "anchor_scales": _sequence(None, _real(1e-3, 1e3), "numbers in [0.001, 1000]"),
+    "pos_iou": _real(0, 1, lo_open=True),
+    "neg_iou": _real(0, 1),
+    "low_quality_matches": _bool,
+    "focal_alpha": _real(0, 1),
+    "focal_gamma": _real(0, 10),
+    "box_beta": _real(0, 1e3),
+    "self_adjusting_beta": _bool,
+    "mask_loss_weight": _real(0, 1e3),
+    "score_thresh": _real(0, 1, hi_open=True),
+    "topk_per_level": _int(1),
+    "nms_thresh": _real(0, 1, lo_open=True),
+    "detections_per_image": _int(1),
+    "mask_convs": _int(0, 16),
+    "mask_channels": _optional(_int(1, MAX_WIDTH)),
+    "mask_size": _int(2, 256, even=True),
+    "mask_upsample": _choice("deconv", "upsample"),
+    "roi_sampling_ratio": _int(0, 16),
+    "roi_mode": _choice("avg", "max"),
+    "canonical_size": _real(0, 1e5, lo_open=True),
+    "canonical_level": _int(3, 7),
+    "roi_min_level": _int(3, 7),
+    "roi_max_level": _int(3, 7),
+    "mask_roi_iou": _real(0, 1),
+    "mask_rois_from_detections": _bool,
+    "max_mask_rois": _int(1),
+    "mask_threshold": _real(0, 1, lo_open=True, hi_open=True),
+    # issue 15: the torchvision-layout backbone and the conventions of imported weights
+    "backbone": _choice("gn", "frozenbn"),
+    "frozen_bn_eps": _real(0, 1),
+    "trainable_stages": _int(0, 5),
+    "pixel_mean": _sequence(3, _real(-1e4, 1e4), "numbers (one mean per channel)"),
+    "pixel_std": _sequence(3, _real(0, 1e4, lo_open=True), "positive numbers (one per channel)"),
+    "channel_order": _choice("RGB", "BGR"),
+    "anchor_offset": _real(0, 1),
+    "anchor_size_floor": _bool,
+    "anchor_round": _bool,
+    "anchor_stride_from_image": _bool,
+    "box_weights": _sequence(4, _real(0, 1e4, lo_open=True), "positive numbers (wx, wy, ww, wh)"),
+    "p6_input": _choice("p5", "c5"),
+}

@@ -124,6 +124,19 @@ class RetinaMask(Module):
                 bad = int(np.flatnonzero(np.any(wh <= 0, axis=1))[0])
                 raise ValueError(f"targets[{n}]['boxes'][{bad}] = {boxes[bad].tolist()} has zero "
                                  f"or negative area (boxes are x1, y1, x2, y2 with x2 > x1, y2 > y1)")
+            # Clip to the image before anything uses them: the part of a box
+            # outside the image holds no pixel and no mask, and a box of
+            # 10^6 pixels would make RoIAlign's adaptive grid sample ~10^12
+            # points. A box with no area inside the image is refused.
+            clipped = boxes.copy()
+            clipped[:, 0::2] = np.clip(boxes[:, 0::2], 0, W)
+            clipped[:, 1::2] = np.clip(boxes[:, 1::2], 0, H)
+            inside = np.all(clipped[:, 2:] - clipped[:, :2] > 0, axis=1)
+            if not np.all(inside):
+                bad = int(np.flatnonzero(~inside)[0])
+                raise ValueError(f"targets[{n}]['boxes'][{bad}] = {boxes[bad].tolist()} lies "
+                                 f"outside the {W}x{H} (WxH) image")
+            boxes = clipped
             checked.append({"boxes": boxes, "labels": labels.astype(np.int64), "masks": masks})
         return checked
 
