@@ -361,7 +361,10 @@ def cmd_train(args) -> int:
             raise CommandError(str(e)) from None
         _check_resume(args)
         if ranks > 1:
-            return distributed.launch(ranks, [*args.argv, "--ranks", str(ranks)])
+            return distributed.launch(
+                ranks, [*args.argv, "--ranks", str(ranks)],
+                afterwards=f"; the last checkpoint in {str(args.out)!r} is intact (checkpoints "
+                           f"are written atomically): continue with --resume")
         comm = distributed.Solo()
     else:
         comm = distributed.world()
@@ -371,13 +374,7 @@ def cmd_train(args) -> int:
                                             f"started {comm.size} ranks"))
         return _train(args, comm)
     except distributed.PeerLost as e:
-        # MPI cannot finish with a rank missing: say so once, and leave
-        # without MPI_Finalize (which would wait for the lost rank)
-        if e.reporter:
-            print(f"minimask: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        distributed.leave_after_loss(e)
     except BaseException as e:
         if comm.size == 1:
             raise

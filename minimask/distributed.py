@@ -27,11 +27,14 @@ every rank finds its place from the launcher's environment
 
 Faults: a rank that raises sets a flag in the step's allreduce, so every
 rank learns of it at the same step and raises the same error (naming the
-rank); a Ctrl-C sets the other flag, so all ranks stop after the same step.
-A rank that dies without a word (``kill -9``, out of memory) is reported by
-MPICH's ``mpiexec -disable-auto-cleanup`` to the survivors as SIGUSR1; every
-wait here polls, so a survivor notices, rank 0 saves the last finished step,
-and the job ends (``PeerLost``) instead of hanging.
+rank); a Ctrl-C sets the other flag, so all ranks stop after the same step
+and rank 0 saves it. A rank that dies without a word (``kill -9``, the
+out-of-memory killer) cannot say anything: MPICH's mpiexec then kills every
+rank, and ``launch`` names the dead rank from mpiexec's report. The last
+checkpoint survives (it is written atomically), the steps since it are
+lost. (Every wait here polls instead of blocking, so a launcher that tells
+the survivors by SIGUSR1 instead, like ``mpiexec -disable-auto-cleanup``,
+lets rank 0 save the last finished step first: ``PeerLost``.)
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREAD
                     "MKL_NUM_THREADS")
 # set by ``launch`` for its ranks: the number it started (checked by each rank)
 LAUNCHED_RANKS = "MINIMASK_LAUNCHED_RANKS"
+RANK_PIDS = "MINIMASK_RANK_PIDS"                 # a folder: file RANK holds its pid
 POLL_SECONDS = 5e-5
 
 
@@ -118,42 +122,65 @@ def find_mpiexec() -> str:
                      f"in this one process with --ranks 1")
 
 
-def launch_command(ranks: int, args: list[str], mpiexec: str | None = None) -> list[str]:
-    """``mpiexec -n RANKS python -m minimask ARGS``. With MPICH's launcher
-    (Hydra), ``-disable-auto-cleanup`` keeps the survivors of a rank that
-    dies alive long enough to save the last finished step (they are told
-    by SIGUSR1, see ``World``); other launchers end the whole job at once."""
-    mpiexec = mpiexec or find_mpiexec()
-    cmd = [mpiexec]
-    try:
-        version = subprocess.run([mpiexec, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    if "HYDRA" in version:
-        cmd.append("-disable-auto-cleanup")
-    return cmd + ["-n", str(ranks), sys.executable, "-m", "minimask", *args]
+def launch_command(ranks: int, program: list[str], mpiexec: str | None = None) -> list[str]:
+    """``mpiexec -n RANKS PROGRAM...``."""
+    return [mpiexec or find_mpiexec(), "-n", str(ranks), *program]
 
 
-def launch(ranks: int, args: list[str]) -> int:
-    """Run ``python -m minimask ARGS`` as ``ranks`` MPI ranks on this
-    machine and wait; returns the job's exit status. Each rank gets
-    ``cores // ranks`` threads unless the thread variables are set."""
-    cmd = launch_command(ranks, args)
+def rank_environment(ranks: int, pid_dir: str | None = None) -> dict:
+    """This environment, plus what ``launch`` tells its ranks: the rank
+    count, ``cores // ranks`` threads each (unless set already), unbuffered
+    output, and where each rank notes its process id."""
     env = dict(os.environ)
     threads = str(max(1, usable_cores() // ranks))
     for name in THREAD_VARIABLES:
         env.setdefault(name, threads)
     env[LAUNCHED_RANKS] = str(ranks)
+    env["PYTHONUNBUFFERED"] = "1"
+    if pid_dir is not None:
+        env[RANK_PIDS] = pid_dir
+    return env
+
+
+def launch(ranks: int, args: list[str], afterwards: str = "") -> int:
+    """Run ``python -m minimask ARGS`` as ``ranks`` MPI ranks on this
+    machine and wait; returns the job's exit status.
+
+    If a rank dies without a word (``kill -9``, the out-of-memory killer),
+    MPICH's mpiexec stops every rank and prints the dead one's process id;
+    this names its rank in one line, followed by ``afterwards``."""
+    import re
+    import tempfile
+    cmd = launch_command(ranks, [sys.executable, "-m", "minimask", *args])
     # A Ctrl-C reaches this process and mpiexec together; mpiexec passes it
     # on to every rank, which save and leave. This process only waits (a
     # Python handler, not SIG_IGN, which mpiexec would inherit).
     previous = signal.signal(signal.SIGINT, lambda *_: None)
+    dead = []
     try:
-        proc = subprocess.Popen(cmd, env=env)
-        code = proc.wait()
+        with tempfile.TemporaryDirectory(prefix="minimask-ranks-") as pid_dir:
+            proc = subprocess.Popen(cmd, env=rank_environment(ranks, pid_dir),
+                                    stdout=subprocess.PIPE, text=True, errors="replace",
+                                    bufsize=1)
+            for line in proc.stdout:                # the ranks' output, passed on
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                found = re.search(r"PID (\d+) RUNNING AT (\S+)", line)
+                if found:
+                    dead.append((int(found.group(1)), found.group(2)))
+            code = proc.wait()
+            pids = {}
+            for name in os.listdir(pid_dir):
+                with open(os.path.join(pid_dir, name)) as f:
+                    pids[int(f.read())] = int(name)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if dead:
+        pid, host = dead[0]
+        who = f"rank {pids[pid]}" if pid in pids else "a rank"
+        print(f"minimask: error: {who} (pid {pid} on {host}) ended without a word (exit code "
+              f"{code}: killed, or out of memory?), so mpiexec stopped every rank{afterwards}",
+              file=sys.stderr)
     return 128 - code if code < 0 else code
 
 
@@ -246,6 +273,9 @@ class World:
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, self._on_peer_lost)
         self.host = socket.gethostname()
+        if os.environ.get(RANK_PIDS):
+            with open(os.path.join(os.environ[RANK_PIDS], str(self.rank)), "w") as f:
+                f.write(str(os.getpid()))
         self.places = self.comm.allgather((self.host, os.getpid()))
         expected = os.environ.get(LAUNCHED_RANKS)
         if expected is not None and int(expected) != self.size:
@@ -349,6 +379,17 @@ class World:
         sys.stdout.flush()
         sys.stderr.flush()
         self.comm.Abort(code)
+
+
+def leave_after_loss(error: PeerLost) -> None:
+    """End this rank after ``PeerLost``: the lowest rank left says what
+    happened (one line); no rank calls MPI_Finalize, which would wait for
+    the lost one."""
+    if error.reporter:
+        print(f"minimask: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class DataParallel:
