@@ -373,8 +373,6 @@ def cmd_train(args) -> int:
             comm.agree(_raise, CommandError(f"--ranks {args.ranks}, but the MPI launcher "
                                             f"started {comm.size} ranks"))
         return _train(args, comm)
-    except distributed.PeerLost as e:
-        distributed.leave_after_loss(e)
     except BaseException as e:
         if comm.size == 1:
             raise

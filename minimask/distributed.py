@@ -32,9 +32,7 @@ and rank 0 saves it. A rank that dies without a word (``kill -9``, the
 out-of-memory killer) cannot say anything: MPICH's mpiexec then kills every
 rank, and ``launch`` names the dead rank from mpiexec's report. The last
 checkpoint survives (it is written atomically), the steps since it are
-lost. (Every wait here polls instead of blocking, so a launcher that tells
-the survivors by SIGUSR1 instead, like ``mpiexec -disable-auto-cleanup``,
-lets rank 0 save the last finished step first: ``PeerLost``.)
+lost.
 """
 from __future__ import annotations
 
@@ -199,16 +197,6 @@ class RankFailed(RuntimeError):
     agreed = True
 
 
-class PeerLost(RuntimeError):
-    """Another rank ended without a word (killed, out of memory). The job
-    cannot go on: MPI cannot finish a collective without it. ``reporter``:
-    whether this rank is the lowest one left, which says so (and saves)."""
-
-    def __init__(self, message: str, reporter: bool):
-        super().__init__(message)
-        self.reporter = reporter
-
-
 def _error_record(rank: int, exc: BaseException) -> dict:
     return {"rank": rank, "message": " ".join(str(exc).split()) or type(exc).__name__,
             "type": type(exc).__name__, "input": isinstance(exc, (ValueError, OSError)),
@@ -261,17 +249,15 @@ def world():
 
 class World:
     """The ranks of ``MPI.COMM_WORLD``. Every wait polls a non-blocking
-    request, so that a rank which died (SIGUSR1 from the launcher) or a
-    Ctrl-C is noticed instead of blocking forever in MPI."""
+    request with short sleeps: a rank that is ahead waits without keeping a
+    core busy (MPICH's blocking calls spin), which matters when there are
+    more ranks than cores."""
 
     def __init__(self, comm=None):
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self._peer_lost = False
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._on_peer_lost)
         self.host = socket.gethostname()
         if os.environ.get(RANK_PIDS):
             with open(os.path.join(os.environ[RANK_PIDS], str(self.rank)), "w") as f:
@@ -289,43 +275,8 @@ class World:
             numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS,
                                              usable_cores() // local)))
 
-    def _on_peer_lost(self, *_):
-        self._peer_lost = True
-
-    def _dead_ranks(self) -> tuple[list[int], list[int]]:
-        """(ranks on this host that are gone, ranks on other hosts)."""
-        dead, remote = [], []
-        for r, (host, pid) in enumerate(self.places):
-            if r == self.rank:
-                continue
-            if host != self.host:
-                remote.append(r)
-                continue
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    gone = f.read().rsplit(")", 1)[1].split()[0] in "ZX"
-            except OSError:
-                gone = True
-            if gone:
-                dead.append(r)
-        return dead, remote
-
-    def lost(self) -> PeerLost:
-        dead, remote = self._dead_ranks()
-        if dead:
-            who = ", ".join(f"rank {r} (pid {self.places[r][1]} on {self.places[r][0]})"
-                            for r in dead)
-            what = f"{who} ended without a word (killed, or out of memory?)"
-        else:
-            what = (f"a rank on another host ended without a word (ranks "
-                    f"{', '.join(map(str, remote))} run elsewhere)")
-        reporter = min(set(range(self.size)) - set(dead)) == self.rank
-        return PeerLost(what, reporter)
-
     def wait(self, request) -> None:
         while not request.Test():
-            if self._peer_lost:
-                raise self.lost()
             time.sleep(POLL_SECONDS)
 
     def allreduce_sum(self, buffer: np.ndarray) -> None:
@@ -381,17 +332,6 @@ class World:
         self.comm.Abort(code)
 
 
-def leave_after_loss(error: PeerLost) -> None:
-    """End this rank after ``PeerLost``: the lowest rank left says what
-    happened (one line); no rank calls MPI_Finalize, which would wait for
-    the lost one."""
-    if error.reporter:
-        print(f"minimask: error: {' '.join(str(error).split())}", file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
 class DataParallel:
     """``loss(step, interrupted)``: the model's loss on this rank's part of
     batch ``step``, averaged over the ranks by one allreduce; leaves every
@@ -444,3 +384,38 @@ def average_losses(parts: list[dict]) -> dict:
     out = {k: float(np.mean([p[k] for p in parts])) for k in LOSS_KEYS}
     out.update({k: int(sum(p.get(k, 0) for p in parts)) for k in COUNT_KEYS})
     return out
+
+
+def ring_allreduce(buffers: list[np.ndarray]) -> tuple[list[np.ndarray], list[list[set]]]:
+    """A ring allreduce of ``n`` ranks' equal-length buffers, simulated step
+    by step in one process (for teaching; MPI picks its own algorithm).
+
+    Each buffer is cut into ``n`` chunks. Reduce-scatter, ``n - 1`` steps:
+    rank ``r`` sends chunk ``(r - s) mod n`` to rank ``r + 1``, which adds it
+    to its own; afterwards rank ``r`` holds the full sum of chunk
+    ``(r + 1) mod n``. Allgather, ``n - 1`` steps: the summed chunks travel
+    once more around the ring, overwriting. Every rank sends ``2 (n - 1)``
+    chunks, ``2 (n - 1) / n`` of the buffer, whatever ``n`` is.
+
+    Returns the buffers after the allreduce (every one the sum of all) and,
+    after each of the ``2 n - 1`` states (the start, then each step), which
+    ranks' values each chunk of each rank holds: ``history[t][r][c]``."""
+    n = len(buffers)
+    chunks = [np.array_split(np.asarray(b, dtype=np.float64).copy(), n) for b in buffers]
+    holds = [[{r} for _ in range(n)] for r in range(n)]
+    history = [[[set(h) for h in rank] for rank in holds]]
+    for s in range(n - 1):                                   # reduce-scatter
+        sent = [(r, (r - s) % n, chunks[r][(r - s) % n].copy(), set(holds[r][(r - s) % n]))
+                for r in range(n)]                           # every rank sends at once
+        for r, c, values, who in sent:
+            chunks[(r + 1) % n][c] += values
+            holds[(r + 1) % n][c] |= who
+        history.append([[set(h) for h in rank] for rank in holds])
+    for s in range(n - 1):                                   # allgather
+        sent = [(r, (r + 1 - s) % n, chunks[r][(r + 1 - s) % n].copy(),
+                 set(holds[r][(r + 1 - s) % n])) for r in range(n)]
+        for r, c, values, who in sent:
+            chunks[(r + 1) % n][c] = values
+            holds[(r + 1) % n][c] = who
+        history.append([[set(h) for h in rank] for rank in holds])
+    return [np.concatenate(c) for c in chunks], history

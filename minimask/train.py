@@ -237,7 +237,7 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     previous_handler = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     model.interrupted = False
-    step = saved = start
+    step = start
     parallel = distributed.DataParallel(model, dataset, s, comm) if comm.size > 1 else None
     try:
         t0 = time.time()
@@ -266,28 +266,13 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
                                         "seconds": time.time() - t0, **running}) + "\n")
             if root and s.progress:
                 _progress(done, s.iters, start, t0, running, lr)
-            if done % s.checkpoint_every == 0 or done == s.iters or stop:
-                if root:
-                    save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
-                saved = done
+            if root and (done % s.checkpoint_every == 0 or done == s.iters or stop):
+                save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
             if stop:
                 model.interrupted = True
                 log(f"\ninterrupted: saved step {done} to {out / 'checkpoint.npz'}; "
                     f"continue with --resume")
                 break
-    except distributed.PeerLost as e:
-        # Another rank died during step `step`, which no rank finished: the
-        # parameters here are those after `step` steps, identical on every
-        # rank. The lowest rank left keeps them, if it shares rank 0's folder.
-        if e.reporter and (root or comm.places[0][0] == comm.host):
-            if step > saved:
-                save_checkpoint(out, model, optimizer, step, s, {**about, "running": running})
-                e.args = (f"{e.args[0]}; saved step {step} (the last one every rank finished) "
-                          f"to {out / 'checkpoint.npz'}; continue with --resume",)
-            else:
-                e.args = (f"{e.args[0]}; the checkpoint in {out} holds step {saved}, the last "
-                          f"one every rank finished; continue with --resume",)
-        raise
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if root and s.progress:

@@ -81,6 +81,22 @@ def test_average_losses_means_the_terms_and_sums_the_counts():
     assert out == dict(cls=2.0, box=1.0, mask=2.0, total=5.0, num_pos=5, num_mask_rois=7)
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_the_simulated_ring_allreduce_leaves_the_sum_on_every_rank(n):
+    rng = np.random.default_rng(n)
+    buffers = [rng.standard_normal(11) for _ in range(n)]      # 11: chunks of unequal size
+    out, history = distributed.ring_allreduce(buffers)
+    expected = np.sum(buffers, axis=0)
+    for got in out:
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert len(history) == 2 * n - 1
+    assert history[0] == [[{r}] * n for r in range(n)]
+    if n > 1:       # after reduce-scatter, rank r alone holds the full sum of chunk r + 1
+        assert all(history[n - 1][r][(r + 1) % n] == set(range(n)) for r in range(n))
+        assert sum(h == set(range(n)) for rank in history[n - 1] for h in rank) == n
+    assert all(h == set(range(n)) for rank in history[-1] for h in rank)
+
+
 def test_the_rank_count_is_checked_in_one_place():
     distributed.check_ranks(4, 4)
     for ranks, batch, backend, words in [(3, 2, "cpu", ["--ranks 3", "--batch-size 2"]),
@@ -107,10 +123,11 @@ def test_launched_by_mpi_reads_the_launchers_variables():
 def test_the_environments_own_mpiexec_is_found_and_is_mpich():
     path = distributed.find_mpiexec()
     assert Path(path).parent == Path(sys.executable).parent, path   # venv/bin, not PATH
-    cmd = distributed.launch_command(3, ["prog", "x"])
-    assert cmd == [path, "-disable-auto-cleanup", "-n", "3", "prog", "x"]
-    env = distributed.rank_environment(2)
-    assert env[distributed.LAUNCHED_RANKS] == "2"
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    assert "HYDRA" in version.stdout, version.stdout          # MPICH's launcher
+    assert distributed.launch_command(3, ["prog", "x"]) == [path, "-n", "3", "prog", "x"]
+    env = distributed.rank_environment(2, "/some/dir")
+    assert env[distributed.LAUNCHED_RANKS] == "2" and env[distributed.RANK_PIDS] == "/some/dir"
 
 
 def test_too_many_ranks_are_refused_before_anything_starts(tmp_path, capsys):
