@@ -16,6 +16,11 @@ A run directory holds
 ``--resume`` (``resume=True``) reloads all of it and continues at the next
 step; the data order and flips are drawn from ``(seed, step)``, so a resumed
 run sees the same batches as an uninterrupted one.
+
+Under MPI (``python -m minimask train`` on several cores, or ``mpiexec``),
+every rank calls ``train``: each computes its part of every batch and one
+allreduce averages the gradients (``minimask.distributed``); only rank 0
+writes the files above.
 """
 from __future__ import annotations
 
