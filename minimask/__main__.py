@@ -361,10 +361,7 @@ def cmd_train(args) -> int:
             raise CommandError(str(e)) from None
         _check_resume(args)
         if ranks > 1:
-            return distributed.launch(
-                ranks, [*args.argv, "--ranks", str(ranks)],
-                afterwards=f"; the last checkpoint in {str(args.out)!r} is intact (checkpoints "
-                           f"are written atomically): continue with --resume")
+            return distributed.launch(ranks, [*args.argv, "--ranks", str(ranks)], out=args.out)
         comm = distributed.Solo()
     else:
         comm = distributed.world()
@@ -373,6 +370,12 @@ def cmd_train(args) -> int:
             comm.agree(_raise, CommandError(f"--ranks {args.ranks}, but the MPI launcher "
                                             f"started {comm.size} ranks"))
         return _train(args, comm)
+    except distributed.PeerLost:
+        # a rank died; rank 0 has saved, the launcher says so. Leave without
+        # MPI_Finalize, which would wait for the dead rank.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     except BaseException as e:
         if comm.size == 1:
             raise

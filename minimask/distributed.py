@@ -29,10 +29,11 @@ Faults: a rank that raises sets a flag in the step's allreduce, so every
 rank learns of it at the same step and raises the same error (naming the
 rank); a Ctrl-C sets the other flag, so all ranks stop after the same step
 and rank 0 saves it. A rank that dies without a word (``kill -9``, the
-out-of-memory killer) cannot say anything: MPICH's mpiexec then kills every
-rank, and ``launch`` names the dead rank from mpiexec's report. The last
-checkpoint survives (it is written atomically), the steps since it are
-lost.
+out-of-memory killer) cannot say anything; under ``launch`` its guard
+process (``_rank_guard.py``) tells the others, rank 0 saves the last step
+every rank finished, and ``launch`` names the dead rank. Under a plain
+``mpiexec`` the launcher kills every rank at once: the last checkpoint
+survives (it is written atomically), the steps since it are lost.
 """
 from __future__ import annotations
 
@@ -59,7 +60,9 @@ THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREAD
                     "MKL_NUM_THREADS")
 # set by ``launch`` for its ranks: the number it started (checked by each rank)
 LAUNCHED_RANKS = "MINIMASK_LAUNCHED_RANKS"
-RANK_PIDS = "MINIMASK_RANK_PIDS"                 # a folder: file RANK holds its pid
+# a folder for ``launch``'s notes: file RANK holds that rank's pid,
+# killed-RANK its guard's report, "saved" what rank 0 kept after a loss
+RANK_PIDS = "MINIMASK_RANK_PIDS"
 POLL_SECONDS = 5e-5
 
 
@@ -140,44 +143,52 @@ def rank_environment(ranks: int, pid_dir: str | None = None) -> dict:
     return env
 
 
-def launch(ranks: int, args: list[str], afterwards: str = "") -> int:
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rank_guard.py")
+
+
+def launch(ranks: int, args: list[str], out: str | None = None) -> int:
     """Run ``python -m minimask ARGS`` as ``ranks`` MPI ranks on this
     machine and wait; returns the job's exit status.
 
-    If a rank dies without a word (``kill -9``, the out-of-memory killer),
-    MPICH's mpiexec stops every rank and prints the dead one's process id;
-    this names its rank in one line, followed by ``afterwards``."""
-    import re
+    Each rank runs under ``_rank_guard.py``: if one dies of a signal
+    (``kill -9``, the out-of-memory killer), its guard tells the others,
+    rank 0 saves the last step every rank finished (into ``out``), and
+    this prints one line naming the dead rank and what was saved."""
     import tempfile
-    cmd = launch_command(ranks, [sys.executable, "-m", "minimask", *args])
+    cmd = launch_command(ranks, [sys.executable, GUARD, "-m", "minimask", *args])
     # A Ctrl-C reaches this process and mpiexec together; mpiexec passes it
     # on to every rank, which save and leave. This process only waits (a
     # Python handler, not SIG_IGN, which mpiexec would inherit).
     previous = signal.signal(signal.SIGINT, lambda *_: None)
-    dead = []
     try:
-        with tempfile.TemporaryDirectory(prefix="minimask-ranks-") as pid_dir:
-            proc = subprocess.Popen(cmd, env=rank_environment(ranks, pid_dir),
-                                    stdout=subprocess.PIPE, text=True, errors="replace",
-                                    bufsize=1)
-            for line in proc.stdout:                # the ranks' output, passed on
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                found = re.search(r"PID (\d+) RUNNING AT (\S+)", line)
-                if found:
-                    dead.append((int(found.group(1)), found.group(2)))
-            code = proc.wait()
-            pids = {}
-            for name in os.listdir(pid_dir):
-                with open(os.path.join(pid_dir, name)) as f:
-                    pids[int(f.read())] = int(name)
+        with tempfile.TemporaryDirectory(prefix="minimask-ranks-") as notes:
+            code = subprocess.Popen(cmd, env=rank_environment(ranks, notes)).wait()
+            killed, saved = [], None
+            for name in sorted(os.listdir(notes)):
+                with open(os.path.join(notes, name)) as f:
+                    text = f.read().split()
+                if name.startswith("killed-"):
+                    killed.append((name[len("killed-"):], *text))
+                elif name == "saved":
+                    saved = text
     finally:
         signal.signal(signal.SIGINT, previous)
-    if dead:
-        pid, host = dead[0]
-        who = f"rank {pids[pid]}" if pid in pids else "a rank"
-        print(f"minimask: error: {who} (pid {pid} on {host}) ended without a word (exit code "
-              f"{code}: killed, or out of memory?), so mpiexec stopped every rank{afterwards}",
+    if killed:
+        rank, pid, sig = killed[0]
+        try:
+            what = signal.Signals(int(sig)).name
+        except ValueError:
+            what = f"signal {sig}"
+        where = f" in {out!r}" if out else ""
+        if saved and saved[0] == "saved":
+            kept = (f"rank 0 saved step {saved[1]}, the last step every rank finished, "
+                    f"to its checkpoint{where}")
+        elif saved:
+            kept = f"the checkpoint{where} holds step {saved[1]}, the last step every rank finished"
+        else:
+            kept = f"the last checkpoint{where} is intact (checkpoints are written atomically)"
+        print(f"minimask: error: rank {rank} (pid {pid}) was killed by {what} (kill -9, or out "
+              f"of memory?), so every rank stopped; {kept}; continue with --resume",
               file=sys.stderr)
     return 128 - code if code < 0 else code
 
@@ -195,6 +206,21 @@ class RankInputError(ValueError):
 class RankFailed(RuntimeError):
     """Any other error of one rank, raised on every rank with its traceback."""
     agreed = True
+
+
+class PeerLost(RuntimeError):
+    """Another rank died without a word; its guard (``_rank_guard.py``)
+    said so by SIGUSR1. MPI cannot finish a collective without it: the job
+    ends, after rank 0 has saved what every rank finished."""
+
+
+def note_after_loss(kind: str, step: int) -> None:
+    """Rank 0's note for ``launch``: ``saved`` step, or ``kept`` (the
+    checkpoint already held the last finished step)."""
+    folder = os.environ.get(RANK_PIDS)
+    if folder and os.path.isdir(folder):
+        with open(os.path.join(folder, "saved"), "w") as f:
+            f.write(f"{kind} {step}")
 
 
 def _error_record(rank: int, exc: BaseException) -> dict:
@@ -250,14 +276,18 @@ def world():
 class World:
     """The ranks of ``MPI.COMM_WORLD``. Every wait polls a non-blocking
     request with short sleeps: a rank that is ahead waits without keeping a
-    core busy (MPICH's blocking calls spin), which matters when there are
-    more ranks than cores."""
+    core busy (MPICH's blocking calls spin), and a rank that died is
+    noticed (SIGUSR1 from its guard: ``PeerLost``) instead of waited for
+    forever."""
 
     def __init__(self, comm=None):
         from mpi4py import MPI
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.peer_lost = False
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._on_peer_lost)
         self.host = socket.gethostname()
         if os.environ.get(RANK_PIDS):
             with open(os.path.join(os.environ[RANK_PIDS], str(self.rank)), "w") as f:
@@ -275,8 +305,13 @@ class World:
             numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS,
                                              usable_cores() // local)))
 
+    def _on_peer_lost(self, *_):
+        self.peer_lost = True
+
     def wait(self, request) -> None:
         while not request.Test():
+            if self.peer_lost:
+                raise PeerLost("another rank died")
             time.sleep(POLL_SECONDS)
 
     def allreduce_sum(self, buffer: np.ndarray) -> None:

@@ -242,7 +242,7 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     previous_handler = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     model.interrupted = False
-    step = start
+    step = saved = start
     parallel = distributed.DataParallel(model, dataset, s, comm) if comm.size > 1 else None
     try:
         t0 = time.time()
@@ -271,13 +271,23 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
                                         "seconds": time.time() - t0, **running}) + "\n")
             if root and s.progress:
                 _progress(done, s.iters, start, t0, running, lr)
-            if root and (done % s.checkpoint_every == 0 or done == s.iters or stop):
-                save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
+            if done % s.checkpoint_every == 0 or done == s.iters or stop:
+                if root:
+                    save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
+                saved = done
             if stop:
                 model.interrupted = True
                 log(f"\ninterrupted: saved step {done} to {out / 'checkpoint.npz'}; "
                     f"continue with --resume")
                 break
+    except distributed.PeerLost:
+        # A rank died during step `step`, which no rank finished: the
+        # parameters here are those after `step` steps, the same on every rank.
+        if root:
+            if step > saved:
+                save_checkpoint(out, model, optimizer, step, s, {**about, "running": running})
+            distributed.note_after_loss("saved" if step > saved else "kept", step)
+        raise
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if root and s.progress:
