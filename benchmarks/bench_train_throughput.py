@@ -1,21 +1,24 @@
-"""Training steps per second: one process against data-parallel workers.
+"""Training steps per second: one process against MPI ranks.
 
     python benchmarks/bench_train_throughput.py            # the shipped tiny model, batch 4, 128 px
     python benchmarks/bench_train_throughput.py --steps 100 --weights runs/train/checkpoint.npz
 
 Starts from trained weights (the shipped model by default) because a trained
 model's steps cost more than an untrained one's: its detections become mask
-RoIs. Each variant runs in a fresh process, so its thread settings apply
+RoIs. Each variant runs in fresh processes, so its thread settings apply
 from the start:
 
-* ``1 process, 1 thread``  - ``NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1``
-* ``1 process, N threads`` - Numba's and BLAS's defaults (one per core)
-* ``W workers``            - ``DataParallel`` (``train --workers W``): W
-  single-threaded processes, each computing ``batch / W`` images
+* ``1 rank, 1 thread``   - ``NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1``
+* ``1 rank, N threads``  - Numba's and BLAS's defaults (one per core)
+* ``R ranks``            - ``minimask.distributed`` under the environment's
+  ``mpiexec -n R`` (``train --ranks R``): R single-threaded processes, each
+  computing ``batch / R`` images, one allreduce per step
 
 A step is the loss and gradient of one batch plus the SGD update, as in
-``train``. Prints the median step time and the ratio to ``1 process, N
-threads`` (the default before workers existed); writes
+``train``. Prints the median step time, the ratio to ``1 rank, N threads``
+and, for R ranks, the allreduce's share of a step: the time spent in it
+(which includes waiting for the slower rank) and the allreduce alone
+(the same buffer, ranks already in step). Writes
 ``benchmarks/results/train_throughput.json`` and
 ``figures/benchmark_train_throughput.png``.
 """
@@ -33,25 +36,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one(weights, workers, steps, batch):
+def one(weights, steps, batch):
+    """Time ``steps`` training steps in this process, or in this rank of an
+    MPI job; returns (on rank 0) the medians as a dict."""
     sys.path.insert(0, str(ROOT))
+
+    from minimask import distributed
     from minimask.data.synthetic import ShapesDataset
     from minimask.nn import SGD
     from minimask.train import TrainSettings, load_model, make_batch
 
+    comm = distributed.world()
     model, meta = load_model(weights)
     data = ShapesDataset(seed=0, num_images=2000, size=int(meta.get("image_size", 128)))
-    settings = TrainSettings(batch_size=batch, workers=max(1, workers))
+    settings = TrainSettings(batch_size=batch)
     opt = SGD(model.parameters(), lr=1e-5, momentum=0.9)   # tiny steps: the model stays trained
-    times = []
-    if workers:
-        from minimask.parallel import DataParallel
-        with DataParallel(model, data, settings, workers) as dp:
-            for step in range(steps + 3):
-                t0 = time.perf_counter()
-                dp.loss(step)
-                opt.step()
-                times.append(time.perf_counter() - t0)
+    times, reduce_times = [], []
+    if comm.size > 1:
+        dp = distributed.DataParallel(model, data, settings, comm)
+        allreduce = comm.allreduce_sum
+
+        def timed(buffer):
+            t = time.perf_counter()
+            allreduce(buffer)
+            reduce_times.append(time.perf_counter() - t)
+        comm.allreduce_sum = timed
+        for step in range(steps + 3):
+            t0 = time.perf_counter()
+            dp.loss(step)
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        comm.allreduce_sum = allreduce
+        alone = []                           # the allreduce by itself, ranks in step
+        for _ in range(30):
+            comm.barrier()
+            t = time.perf_counter()
+            comm.allreduce_sum(dp.buffer)
+            alone.append(time.perf_counter() - t)
+        extra = {"allreduce_in_step_s": statistics.median(reduce_times[3:]),
+                 "allreduce_alone_s": statistics.median(alone),
+                 "gradient_bytes": int(dp.buffer.nbytes), "ranks": comm.size}
     else:
         for step in range(steps + 3):
             t0 = time.perf_counter()
@@ -59,8 +83,11 @@ def one(weights, workers, steps, batch):
             model.loss(images, targets)
             opt.step()
             times.append(time.perf_counter() - t0)
+        extra = {"ranks": 1}
     times = times[3:]                      # warm-up: compilation, first allocations
-    return {"median_step_s": statistics.median(times), "min_step_s": min(times)}
+    if comm.rank == 0:
+        print(json.dumps({"median_step_s": statistics.median(times), "min_step_s": min(times),
+                          **extra}))
 
 
 def main():
@@ -68,21 +95,24 @@ def main():
     ap.add_argument("--weights", default=str(ROOT / "weights" / "shapes_tiny.npz"))
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--workers", type=int, nargs="+", default=[2])
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2])
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.weights, int(args.one), args.steps, args.batch)))
+        one(args.weights, args.steps, args.batch)
         return
-    cores = os.cpu_count() or 1
-    variants = [("1 process, 1 thread", 0, {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}),
-                (f"1 process, {cores} threads", 0, {})]
-    variants += [(f"{w} workers", w, {}) for w in args.workers]
+    sys.path.insert(0, str(ROOT))
+    from minimask import distributed
+    cores = distributed.usable_cores()
+    me = [sys.executable, __file__, "--one", "--weights", args.weights, "--steps",
+          str(args.steps), "--batch", str(args.batch)]
+    single = {"NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    variants = [("1 rank, 1 thread", me, single), (f"1 rank, {cores} threads", me, {})]
+    variants += [(f"{r} ranks, 1 thread each", distributed.launch_command(r, me),
+                  {**distributed.rank_environment(r), **single}) for r in args.ranks]
     rows = []
-    for name, workers, env in variants:
-        out = subprocess.run([sys.executable, __file__, "--one", str(workers), "--weights",
-                              args.weights, "--steps", str(args.steps), "--batch", str(args.batch)],
-                             env={**os.environ, **env}, capture_output=True, text=True)
+    for name, cmd, env in variants:
+        out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
         rows.append({"variant": name, **json.loads(out.stdout.strip().splitlines()[-1])})
@@ -90,11 +120,16 @@ def main():
     load = os.getloadavg()
     print(f"batch {args.batch}, {args.steps} steps each, from {Path(args.weights).name}; "
           f"{cores} cores, load average {load[0]:.2f}")
-    print(f"{'variant':<24}{'median step':>12}{'steps/s':>9}{'speed-up':>10}")
+    print(f"{'variant':<24}{'median step':>12}{'steps/s':>9}{'speed-up':>10}"
+          f"{'allreduce in step':>19}{'alone':>9}")
     for r in rows:
         r["speedup_vs_threads"] = base / r["median_step_s"]
+        shares = ""
+        if r["ranks"] > 1:
+            shares = (f"{r['allreduce_in_step_s'] * 1e3:>9.1f} ms {r['allreduce_in_step_s'] / r['median_step_s']:>5.1%}"
+                      f"{r['allreduce_alone_s'] * 1e3:>6.1f} ms")
         print(f"{r['variant']:<24}{r['median_step_s']:>11.3f}s{1 / r['median_step_s']:>9.1f}"
-              f"{r['speedup_vs_threads']:>9.2f}x")
+              f"{r['speedup_vs_threads']:>9.2f}x{shares}")
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "train_throughput.json").write_text(json.dumps(

@@ -119,10 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"peak learning rate (default: {defaults.lr})")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="side of the square training images in pixels (default: 128)")
-    p.add_argument("--workers", type=_positive_int, default=None,
-                   help="processes that share each batch, one thread each (data parallel; "
-                        "default: 2 on a machine with 2 or more cores, else 1; the run "
-                        "depends on it)")
+    p.add_argument("--ranks", type=_positive_int, default=None, metavar="N",
+                   help="MPI ranks (processes) that share each batch, data parallel: train "
+                        "starts them itself under the environment's mpiexec; 1 trains in "
+                        "this process (default: $MINIMASK_RANKS, else one per core, at most "
+                        "--batch-size; the run depends on it). Under mpiexec or srun the "
+                        "launcher's rank count is used")
+    p.add_argument("--workers", type=_positive_int, dest="ranks", help=argparse.SUPPRESS)
     p.add_argument("--num-images", type=_positive_int, default=None,
                    help="synthetic images to draw batches from (shapes only; default: 2000)")
     p.add_argument("--seed", type=int, default=None,
@@ -256,6 +259,7 @@ class CommandError(ValueError):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)   # for train's launcher
     if args.command is None:
         parser.print_help()
         return 0
@@ -386,12 +390,20 @@ def _stems(paths):
 # ----------------------------------------------------------------------
 
 
-def default_workers(batch_size: int, backend: str) -> int:
-    """Two processes where there are two cores (the tiny model's layers are
-    too small to keep two threads of one process busy), else one."""
-    if backend == "cuda":
-        return 1
-    return max(1, min(2, os.cpu_count() or 1, batch_size))
+def requested_ranks(args) -> int:
+    """--ranks, else $MINIMASK_RANKS, else one rank per core (at most one per
+    image of a batch)."""
+    from minimask import distributed
+    if args.ranks is not None:
+        return args.ranks
+    text = os.environ.get("MINIMASK_RANKS", "").strip()
+    if text:
+        try:
+            return _positive_int(text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise CommandError(f"MINIMASK_RANKS must be a whole number >= 1, got {text!r}") \
+                from None
+    return distributed.default_ranks(args.batch_size, args.backend)
 
 
 # what an untyped train flag means for a new run (see build_parser)
@@ -449,10 +461,74 @@ def _same_setting(name, typed, saved) -> bool:
 
 
 def cmd_train(args) -> int:
-    from minimask import runs
-    from minimask.train import TrainSettings, train
+    """Not inside MPI: settle the run (its folder, and for --resume the
+    settings the checkpoint records), check the rank count, then train here
+    (1 rank) or start the ranks under mpiexec, each running this command
+    with the settled --out. Inside MPI (started by us, mpiexec or srun): one
+    rank's share of the work."""
+    from minimask import distributed
+    from minimask.train import NonFiniteLoss
 
-    _use_backend(args.backend)
+    if not distributed.launched_by_mpi():
+        _settle_run(args)
+        ranks = requested_ranks(args)
+        try:
+            distributed.check_ranks(ranks, args.batch_size, args.backend)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        if ranks > 1:
+            argv = [*args.argv, "--out", str(args.out), "--ranks", str(ranks)]
+            return distributed.launch(ranks, argv, out=args.out)
+        comm = distributed.Solo()
+    else:
+        comm = distributed.world()
+        # every rank reads the same checkpoint and folder; nothing is written
+        # before this agreement, so all ranks settle on the same run
+        comm.agree(_settle_run, args)
+    try:
+        if args.ranks is not None and args.ranks != comm.size:
+            comm.agree(_raise, CommandError(f"--ranks {args.ranks}, but the MPI launcher "
+                                            f"started {comm.size} ranks"))
+        return _train(args, comm)
+    except distributed.PeerLost:
+        # a rank died; rank 0 has saved, the launcher says so. Leave without
+        # MPI_Finalize, which would wait for the dead rank.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    except BaseException as e:
+        if comm.size == 1:
+            raise
+        agreed = getattr(e, "agreed", False) or isinstance(e, NonFiniteLoss)
+        if agreed and comm.rank != 0:      # rank 0 says it; the others leave quietly
+            return 2 if isinstance(e, (ValueError, OSError)) else 1
+        if agreed:
+            raise
+        # an error of this rank alone: say it here, then end every rank
+        if isinstance(e, (ValueError, OSError)) and os.environ.get("MINIMASK_DEBUG") != "1":
+            _error(e)
+            code = 2
+        else:
+            import traceback
+            traceback.print_exc()
+            code = 130 if isinstance(e, KeyboardInterrupt) else 1
+        comm.abort(code)
+        raise
+
+
+def _raise(error):
+    raise error
+
+
+def _settle_run(args) -> None:
+    """The run folder and settings, decided before any rank starts, without
+    writing anything: --resume takes the checkpoint's settings and data for
+    every flag left out (and refuses one that contradicts them); a new run
+    takes the defaults, and a fresh folder when --out is not given. An --out
+    that holds a run is refused unless --overwrite (issue 10: nothing lost)."""
+    from minimask import runs
+    from minimask.train import TrainSettings
+
     if args.resume:
         if args.overwrite:
             raise CommandError("--resume continues a run and --overwrite replaces it: "
@@ -471,33 +547,42 @@ def cmd_train(args) -> int:
             out = Path(args.out)
             if runs.holds_run(out) and not args.overwrite:
                 runs.start_fresh(out)     # raises RunExists, one line
-    dataset = open_dataset(args.dataset, args.images, args.image_size, seed=args.seed,
-                           num_images=args.num_images)
+    args.out = str(out)
+
+
+def _train(args, comm) -> int:
+    from minimask import runs
+    from minimask.train import TrainSettings, train
+
+    root = comm.rank == 0
+    comm.agree(_use_backend, args.backend)
+    dataset = comm.agree(open_dataset, args.dataset, args.images, args.image_size,
+                         seed=args.seed, num_images=args.num_images)
+    out = Path(args.out)
     if not args.resume:
-        runs.start_fresh(out, overwrite=args.overwrite)
-    workers = args.workers or default_workers(args.batch_size, args.backend)
-    if workers > args.batch_size:
-        raise CommandError(f"--workers {workers} is more than --batch-size {args.batch_size}: "
-                           f"each worker needs at least one image of the batch")
-    if workers > 1 and args.backend == "cuda":
-        raise CommandError("--workers splits batches over CPU processes; use --workers 1 "
-                           "with --backend cuda")
+        # the one write before training: a fresh folder, or --overwrite's
+        # deletion of the old run's files - by rank 0 alone
+        comm.agree(lambda: runs.start_fresh(out, overwrite=args.overwrite) if root else None)
     settings = TrainSettings(iters=args.iters, batch_size=args.batch_size, lr=args.lr,
                              seed=args.seed, out=str(out), resume=args.resume,
-                             progress=not args.no_progress, workers=workers,
+                             progress=not args.no_progress,
                              checkpoint_every=args.checkpoint_every)
-    start = _start_model(args, dataset)
-    print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
-          f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
-          f"{args.backend}, {workers} worker{'s' if workers > 1 else ''}, writing to {out}")
-    model = train(dataset, settings, model=start)
+    start = comm.agree(_start_model, args, dataset)
+    if root:
+        print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
+              f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
+              f"{args.backend}, {comm.size} rank{'s' if comm.size > 1 else ''}, "
+              f"writing to {out}", flush=True)
+    model = train(dataset, settings, comm=comm, log=print, model=start)
+    if model.interrupted:               # Ctrl-C: train() saved the step in flight
+        if root:
+            step = _checkpoint_step(out)
+            print(f"interrupted at step {step} of {settings.iters}; continue with: python -m "
+                  f"minimask train --out {out} --resume", file=sys.stderr)
+        return 130                      # what shells expect after a Ctrl-C
+    if not root:
+        return 0
     print(f"checkpoint:  {out / 'checkpoint.npz'} (+ checkpoint.json)")
-    step = _checkpoint_step(out)
-    if step is not None and step < settings.iters:
-        # train() returns early only when Ctrl-C stopped it (after saving)
-        print(f"interrupted at step {step} of {settings.iters}; continue with: python -m "
-              f"minimask train --out {out} --resume", file=sys.stderr)
-        return 130
     print(f"metrics:     {out / 'metrics.jsonl'}")
     print(f"loss curves: {out / 'losses.png'}")
 
@@ -525,6 +610,14 @@ def cmd_train(args) -> int:
     path = save_examples(model, images, out / "examples.png", names)
     print(f"examples:    {path}")
     return 0
+
+
+def _checkpoint_step(out: Path):
+    try:
+        step = json.loads((out / "checkpoint.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def _start_model(args, dataset):
@@ -572,14 +665,6 @@ def _summarise(names):
         if top not in tops:
             tops.append(top)
     return ", ".join(tops) or "none"
-
-
-def _checkpoint_step(out: Path):
-    try:
-        step = json.loads((out / "checkpoint.json").read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
 
 
 def cmd_export_shapes(args) -> int:

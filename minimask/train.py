@@ -16,6 +16,11 @@ A run directory holds
 ``--resume`` (``resume=True``) reloads all of it and continues at the next
 step; the data order and flips are drawn from ``(seed, step)``, so a resumed
 run sees the same batches as an uninterrupted one.
+
+Under MPI (``python -m minimask train`` on several cores, or ``mpiexec``),
+every rank calls ``train``: each computes its part of every batch and one
+allreduce averages the gradients (``minimask.distributed``); only rank 0
+writes the files above.
 """
 from __future__ import annotations
 
@@ -31,14 +36,15 @@ from pathlib import Path
 
 import numpy as np
 
-from minimask import runs
+from minimask import distributed, runs
+from minimask.data.batch import hflip, make_batch  # noqa: F401  (also part of this module's API)
 from minimask.model import Config, RetinaMask
 from minimask.nn import SGD, load_npz, save_npz
 
 
 @dataclass
 class TrainSettings:
-    iters: int = 6000                 # the default train: 11.5 min on an idle 2-core CPU, 2 workers
+    iters: int = 6000                 # the default train: 11.5 min on an idle 2-core CPU, 2 ranks
     batch_size: int = 4
     lr: float = 0.08                  # for the tiny preset (GN heads); ResNet presets want ~0.01
     momentum: float = 0.9
@@ -54,15 +60,10 @@ class TrainSettings:
     out: str = "runs/train"
     resume: bool = False
     progress: bool = True
-    # processes sharing each batch (minimask.parallel); 1 = this one only
-    workers: int = 1
 
     def validated(self):
         if self.iters < 1 or self.batch_size < 1:
             raise ValueError("iters and batch_size must be >= 1")
-        if not 1 <= self.workers <= self.batch_size:
-            raise ValueError(f"workers must lie in [1, batch_size = {self.batch_size}], "
-                             f"got {self.workers}")
         if self.schedule not in ("cosine", "step"):
             raise ValueError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
         return self
@@ -101,38 +102,6 @@ def clip_gradients(params, max_norm: float) -> float:
         for p in params:
             glue.scale_into(p.grad, scale, CPU if isinstance(p.grad, np.ndarray) else CUDA)
     return total
-
-
-def hflip(image, target):
-    """Mirror an image and its boxes and masks left to right."""
-    W = image.shape[-1]
-    boxes = target["boxes"].copy()
-    if len(boxes):
-        boxes[:, [0, 2]] = W - target["boxes"][:, [2, 0]]
-    return image[..., ::-1].copy(), {"boxes": boxes, "labels": target["labels"],
-                                     "masks": target["masks"][..., ::-1].copy()}
-
-
-def make_batch(dataset, step: int, s: TrainSettings, part: tuple[int, int] = (0, 1)):
-    """The batch of ``step``: indices and flips drawn from (seed, step).
-
-    ``part=(k, n)``: only the k-th of n contiguous slices of it (what one
-    data-parallel process computes, see ``minimask.parallel``)."""
-    rng = np.random.default_rng([s.seed, step])
-    idx = rng.integers(0, len(dataset), s.batch_size)
-    flips = rng.random(s.batch_size) < 0.5
-    if part != (0, 1):
-        from minimask.parallel import batch_parts
-        mine = batch_parts(s.batch_size, part[1])[part[0]]
-        idx, flips = idx[mine], flips[mine]
-    images, targets = [], []
-    for i, flip in zip(idx, flips):
-        image, target = dataset[int(i)]
-        if s.hflip and flip:
-            image, target = hflip(image, target)
-        images.append(image)
-        targets.append(target)
-    return np.stack(images), targets
 
 
 def dataset_image_size(dataset) -> int:
@@ -208,80 +177,105 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 
 def train(dataset, settings: TrainSettings, config: Config | None = None,
-          log=print, model: RetinaMask | None = None) -> RetinaMask:
-    """``model``: start from this model (e.g. imported pretrained weights)
+          log=print, comm=None, model: RetinaMask | None = None) -> RetinaMask:
+    """Train and return the model (``model.interrupted``: True when a Ctrl-C
+    stopped the run early, after saving).
+
+    ``comm``: the ranks sharing each batch (``minimask.distributed``); by
+    default ``distributed.world()`` - every rank of an MPI job, or this
+    process alone. Every rank calls ``train``; only rank 0 writes files,
+    logs and draws the progress line.
+
+    ``model``: start from this model (e.g. imported pretrained weights)
     instead of a fresh ``RetinaMask(config)``. Frozen parameters (frozen
     batch norm, the stages ``trainable_stages`` leaves out) are not given to
     the optimiser, so they keep their values bit for bit."""
     s = settings.validated()
+    comm = distributed.world() if comm is None else comm
+    if comm.size > 1:
+        from minimask.backend import get_backend
+        comm.agree(distributed.check_ranks, comm.size, s.batch_size, get_backend())
+    root = comm.rank == 0
+    if not root:
+        log = _quiet
     out = Path(s.out)
     if not s.resume:
-        runs.start_fresh(out, log=log)  # a folder holding a run is refused, never emptied
-    out.mkdir(parents=True, exist_ok=True)
+        # a folder holding a run is refused, never emptied (rank 0 decides)
+        comm.agree(lambda: runs.start_fresh(out, log=log) if root else None)
     metrics_path = out / "metrics.jsonl"
     start = 0
+    if root:
+        out.mkdir(parents=True, exist_ok=True)
     if s.resume:
         ckpt = out / "checkpoint.npz"
-        model, meta = load_model(ckpt, num_classes=dataset.num_classes)
+
+        def read_checkpoint():
+            model, meta = load_model(ckpt, num_classes=dataset.num_classes)
+            return model.config.to_dict(), model.state_dict(), meta
+
+        # rank 0 reads it (the run folder need only exist on its machine)
+        config_dict, state, meta = comm.from_root(read_checkpoint)
+        model = RetinaMask(Config.from_dict(config_dict))
+        model.load_state_dict(state)
         optimizer = SGD(_trainable(model), lr=s.lr, momentum=s.momentum,
                         weight_decay=s.weight_decay)
         optimizer.load_state_dict(meta["_optimizer"])
-        start, running = runs.resume_state(ckpt, meta)
-        runs.check_resume_settings(ckpt, meta, s)
-        runs.clean_temporaries(out, log)
+        # the same checks on every rank, agreed: an error is said once, by rank 0
+        start, running = comm.agree(runs.resume_state, ckpt, meta)
+        comm.agree(runs.check_resume_settings, ckpt, meta, s)
+        if root:
+            runs.clean_temporaries(out, log)
         log(f"resumed from {ckpt} at step {start}")
-        before = meta.get("settings", {}).get("workers", 1)
-        if before != s.workers:
-            log(f"note: steps up to {start} ran with {before} worker(s), this run uses "
-                f"{s.workers}; each worker normalises its own part of the batch, so the "
+        before = meta.get("ranks", meta.get("settings", {}).get("workers", 1))
+        if before != comm.size:
+            log(f"note: steps up to {start} ran on {before} rank(s), this run uses "
+                f"{comm.size}; each rank normalises its own part of the batch, so the "
                 f"result differs slightly from an uninterrupted run")
         if start >= s.iters:
             log(f"the checkpoint is already at step {start}, at or past --iters {s.iters}: "
                 f"nothing to train (raise --iters to continue)")
-        runs.repair_metrics(metrics_path, start, log)  # drop lines logged after the checkpoint
+        if root:
+            runs.repair_metrics(metrics_path, start, log)  # drop lines logged after the checkpoint
     else:
         if model is not None:
             config = model.config
         if config is None:
             config = Config.preset("tiny", num_classes=dataset.num_classes, seed=s.seed)
-        if config.num_classes != dataset.num_classes:
-            raise ValueError(f"the model config has {config.num_classes} classes, the dataset "
-                             f"has {dataset.num_classes}")
+        comm.agree(_check_classes, config, dataset)
         if model is None:
             model = RetinaMask(config)
+        comm.broadcast_parameters(model)
         optimizer = SGD(_trainable(model), lr=s.lr, momentum=s.momentum,
                         weight_decay=s.weight_decay)
-        metrics_path.write_text("")
+        if root:
+            metrics_path.write_text("")
         running = {}
     params = _trainable(model)
-    # what predict needs to prepare images like the training ones
+    # what predict needs to prepare images like the training ones; the rank
+    # count is recorded for the resume note only - the checkpoint is the same
     about = {"image_size": int(dataset_image_size(dataset)),
              "class_names": list(getattr(dataset, "class_names", [])),
-             "dataset": runs.describe_dataset(dataset)}
+             "dataset": runs.describe_dataset(dataset), "ranks": comm.size}
 
-    # Ctrl-C: finish the step in flight, save, and leave.
+    # Ctrl-C: finish the step in flight, save, and leave (every rank: the
+    # flag travels in the step's allreduce, so all stop after the same step).
     interrupted = []
     previous_handler = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    step = start
-    parallel = None
+    model.interrupted = False
+    step = saved = start
+    parallel = distributed.DataParallel(model, dataset, s, comm) if comm.size > 1 else None
     try:
-        if s.workers > 1 and start < s.iters:
-            from minimask.backend import get_backend
-            if get_backend() == "cuda":
-                raise ValueError("workers > 1 splits batches over CPU processes; on the "
-                                 "cuda backend use workers=1")
-            from minimask.parallel import DataParallel
-            parallel = DataParallel(model, dataset, s, s.workers)
         t0 = time.time()
         for step in range(start, s.iters):
             lr = learning_rate(step, s)
             optimizer.lr = lr
             if parallel is not None:
-                losses = parallel.loss(step)
+                losses, stop = parallel.loss(step, bool(interrupted))
             else:
                 images, targets = make_batch(dataset, step, s)
                 losses = model.loss(images, targets)
+                stop = bool(interrupted)
             if not all(np.isfinite(losses[k]) for k in ("cls", "box", "mask", "total")):
                 raise NonFiniteLoss(
                     f"the loss became non-finite at step {step} ({_fmt(losses)}); training "
@@ -292,25 +286,33 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
             for k in ("cls", "box", "mask", "total"):
                 running[k] = losses[k] if k not in running else 0.9 * running[k] + 0.1 * losses[k]
             done = step + 1
-            if done % s.log_every == 0 or done == s.iters:
+            if root and (done % s.log_every == 0 or done == s.iters):
                 runs.append_metrics(metrics_path, {"step": done, "lr": lr, "grad_norm": grad_norm,
                                                    "seconds": time.time() - t0, **running})
-            if s.progress:
+            if root and s.progress:
                 _progress(done, s.iters, start, t0, running, lr)
-            if done % s.checkpoint_every == 0 or done == s.iters:
-                save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
-            if interrupted:
-                save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
+            if done % s.checkpoint_every == 0 or done == s.iters or stop:
+                if root:
+                    save_checkpoint(out, model, optimizer, done, s, {**about, "running": running})
+                saved = done
+            if stop:
+                model.interrupted = True
                 log(f"\ninterrupted: saved step {done} to {out / 'checkpoint.npz'}; "
                     f"continue with --resume")
                 break
+    except distributed.PeerLost:
+        # A rank died during step `step`, which no rank finished: the
+        # parameters here are those after `step` steps, the same on every rank.
+        if root:
+            if step > saved:
+                save_checkpoint(out, model, optimizer, step, s, {**about, "running": running})
+            distributed.note_after_loss("saved" if step > saved else "kept", step)
+        raise
     finally:
-        if parallel is not None:
-            parallel.close()
         signal.signal(signal.SIGINT, previous_handler)
-        if s.progress:
+        if root and s.progress:
             sys.stderr.write("\n")
-        if metrics_path.exists() and metrics_path.stat().st_size:
+        if root and metrics_path.exists() and metrics_path.stat().st_size:
             plot_losses(metrics_path, out / "losses.png")
     return model
 
@@ -318,6 +320,16 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
 def _trainable(model):
     """The parameters the optimiser updates: all but the frozen ones."""
     return [p for p in model.parameters() if not p.frozen]
+
+
+def _check_classes(config, dataset):
+    if config.num_classes != dataset.num_classes:
+        raise ValueError(f"the model config has {config.num_classes} classes, the dataset "
+                         f"has {dataset.num_classes}")
+
+
+def _quiet(*_args, **_kwargs):
+    pass
 
 
 def _fmt(losses):

@@ -57,3 +57,18 @@ def _restore_backend():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """``MINIMASK_RANKS=1`` for a whole module: ``python -m minimask train``
+    (in this process or a subprocess) trains in one process instead of
+    launching MPI ranks, for tests of the single-process path;
+    tests/test_distributed.py covers the ranks."""
+    before = os.environ.get("MINIMASK_RANKS")
+    os.environ["MINIMASK_RANKS"] = "1"
+    yield
+    if before is None:
+        os.environ.pop("MINIMASK_RANKS", None)
+    else:
+        os.environ["MINIMASK_RANKS"] = before

@@ -13,6 +13,7 @@ survives NMS is kept (up to the model's 100 per image).
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,11 @@ SIZE = 64
 # ----------------------------------------------------------------------
 # shared, built once per module: a tiny exported dataset and a tiny run
 # ----------------------------------------------------------------------
+
+
+# main() in this process trains here (tests/test_distributed.py runs the
+# multi-rank launcher), so capsys sees what train prints: see conftest.one_rank
+pytestmark = pytest.mark.usefixtures("one_rank")
 
 
 @pytest.fixture(scope="module")
@@ -575,16 +581,23 @@ def test_bad_input_in_a_subprocess_leaves_no_traceback(tmp_path):
         f"minimask: error: weights file {str(tmp_path / 'missing.npz')!r} does not exist"]
 
 
-def test_more_workers_than_images_per_batch(tmp_path, capsys):
-    code, out, err = _run(capsys, ["train", "--iters", "1", "--batch-size", "2", "--workers", "3",
+@pytest.mark.parametrize("flag", ["--ranks", "--workers"])   # --workers: the old name
+def test_more_ranks_than_images_per_batch(flag, tmp_path, capsys):
+    code, out, err = _run(capsys, ["train", "--iters", "1", "--batch-size", "2", flag, "3",
                                    "--out", str(tmp_path / "w"), "--no-progress"])
-    _assert_clean_error(code, out, err, "--workers 3", "--batch-size 2")
+    _assert_clean_error(code, out, err, "--ranks 3", "--batch-size 2")
 
 
-def test_default_workers_use_two_cores_at_most(monkeypatch):
-    from minimask.__main__ import default_workers
-    for cores, batch, backend, expected in [(1, 4, "cpu", 1), (2, 4, "cpu", 2), (16, 4, "cpu", 2),
-                                            (16, 1, "cpu", 1), (None, 4, "cpu", 1),
-                                            (16, 4, "cuda", 1)]:
-        monkeypatch.setattr("os.cpu_count", lambda: cores)
-        assert default_workers(batch, backend) == expected, (cores, batch, backend)
+def test_rank_count_from_flag_environment_or_cores(monkeypatch):
+    from minimask import distributed
+    from minimask.__main__ import CommandError, requested_ranks
+    monkeypatch.setattr(distributed, "usable_cores", lambda: 16)
+    monkeypatch.delenv("MINIMASK_RANKS", raising=False)
+    args = build_parser().parse_args(["train", "--batch-size", "8"])
+    assert requested_ranks(args) == 8
+    monkeypatch.setenv("MINIMASK_RANKS", "3")
+    assert requested_ranks(args) == 3
+    assert requested_ranks(build_parser().parse_args(["train", "--ranks", "2"])) == 2
+    monkeypatch.setenv("MINIMASK_RANKS", "two")
+    with pytest.raises(CommandError, match="MINIMASK_RANKS"):
+        requested_ranks(args)

@@ -23,13 +23,17 @@ import pytest
 
 from minimask.nn import load_npz
 
+# single-process training: the ranks are tests/test_distributed.py's
+pytestmark = pytest.mark.usefixtures("one_rank")
+
 ROOT = Path(__file__).resolve().parent.parent
 ITERS = 8
 RUN = ["--iters", str(ITERS), "--num-images", "4", "--image-size", "64", "--batch-size", "2",
        "--seed", "3", "--workers", "1", "--eval-images", "0", "--no-progress",
        "--checkpoint-every", "1"]
 MAX_KILLS = 3
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MINIMASK_BACKEND": "cpu"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MINIMASK_BACKEND": "cpu",
+       "MINIMASK_RANKS": "1"}   # the single-process path (ranks: test_distributed)
 
 
 def _train(args, **kw):

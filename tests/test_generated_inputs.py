@@ -28,6 +28,9 @@ from hypothesis import strategies as st
 from minimask.__main__ import main
 from minimask.nn import load_npz, save_npz
 
+# single-process training: the ranks are tests/test_distributed.py's
+pytestmark = pytest.mark.usefixtures("one_rank")
+
 SIZE = 64
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 EXAMPLES = 60 if THOROUGH else 6

@@ -20,6 +20,9 @@ from minimask.nn import load_npz, save_npz
 from minimask.predict import read_rgb
 from minimask.train import load_model
 
+# single-process training: the ranks are tests/test_distributed.py's
+pytestmark = pytest.mark.usefixtures("one_rank")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -156,6 +159,7 @@ def test_bad_metadata_through_the_cli_is_one_line(weights, tmp_path, capsys, met
 HUGE_BOX = """
 import json, numpy as np
 from minimask.model import Config, RetinaMask
+
 c = Config(stem_channels=4, stem_kernel=3, blocks=(1, 1, 1, 1), widths=(4, 8, 8, 8),
            fpn_channels=8, head_convs=1, mask_convs=1, anchor_sizes=(8, 16, 32, 64, 128),
            canonical_size=16, mask_size=8, num_classes=2).validated()

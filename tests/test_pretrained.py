@@ -375,7 +375,7 @@ def test_finetune_keeps_frozen_stages_bit_for_bit(tmp_path):
     before = {n: p.value.copy() for n, p in model.named_parameters()}
     frozen = {n for n, p in model.named_parameters() if p.frozen}
     s = TrainSettings(iters=2, batch_size=1, lr=0.01, warmup_iters=0, out=str(tmp_path / "run"),
-                      progress=False, checkpoint_every=2, log_every=1, workers=1)
+                      progress=False, checkpoint_every=2, log_every=1)
     trained = train(data, s, model=model, log=lambda *a: None)
     after = dict(trained.named_parameters())
     for n in frozen:

@@ -17,6 +17,9 @@ from minimask import runs
 from minimask.__main__ import main
 from minimask.nn import load_npz, save_npz
 
+# single-process training: the ranks are tests/test_distributed.py's
+pytestmark = pytest.mark.usefixtures("one_rank")
+
 SIZE = 64
 TINY = ["--num-images", "4", "--image-size", str(SIZE), "--eval-images", "0", "--no-progress",
         "--workers", "1"]

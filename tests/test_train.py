@@ -153,9 +153,10 @@ class InterruptingData(ExplodingData):
 
 def test_ctrl_c_saves_before_leaving(tmp_path):
     s = settings(tmp_path, iters=50, checkpoint_every=100)
-    train(InterruptingData(bad_after=2 * 2 + 1), s, small_config())
+    model = train(InterruptingData(bad_after=2 * 2 + 1), s, small_config())
     _, meta = load_npz(tmp_path / "run" / "checkpoint.npz")
     assert meta["step"] == 3  # the step in flight finishes, then it saves
+    assert model.interrupted  # the command line exits 130 on it
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 

@@ -9,6 +9,7 @@ _MODULE_OF = {
     "plot_roi_align_grid": "roi_align_grid",
     "roi_pool_reference": "roi_align_grid",
     "draw_architecture": "diagrams",
+    "draw_ring_allreduce": "allreduce",
     **{name: "detection" for name in (
         "overlay_masks", "draw_boxes", "show_feature_maps", "show_image", "show_mask_grid",
         "draw_anchors", "draw_anchor_centres", "class_color")},
