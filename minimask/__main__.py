@@ -205,6 +205,8 @@ class CommandError(ValueError):
 
 
 def main(argv=None) -> int:
+    from minimask._process import configure_process
+    configure_process()         # this process is minimask's: passive OpenMP waiting, malloc
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

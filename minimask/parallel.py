@@ -75,6 +75,7 @@ def _worker(conn, config_dict, dataset, settings, part, params_name, grads_name,
     params_shm = grads_shm = None
     try:
         import minimask
+        minimask.configure_process()                # a worker owns its process
         from minimask.model import Config, RetinaMask
         from minimask.train import make_batch
         minimask.set_backend(backend)

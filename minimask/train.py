@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minimask._process import configure_process
 from minimask.model import Config, RetinaMask
 from minimask.nn import SGD, load_npz, save_npz
 
@@ -200,6 +201,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
 
 def train(dataset, settings: TrainSettings, config: Config | None = None,
           log=print) -> RetinaMask:
+    configure_process()     # training's process settings (minimask/_process.py)
     s = settings.validated()
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
