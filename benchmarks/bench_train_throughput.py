@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def one(weights, workers, steps, batch):
     sys.path.insert(0, str(ROOT))
+    import minimask
+    minimask.configure_process()        # as the CLI does: this process is minimask's
     from minimask.data.synthetic import ShapesDataset
     from minimask.nn import SGD
     from minimask.train import TrainSettings, load_model, make_batch
