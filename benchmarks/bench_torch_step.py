@@ -32,7 +32,9 @@ minimask column "model.loss" times the whole public call, matching included.
    ``NUMBA_NUM_THREADS`` in the environment); each side keeps its own OpenMP
    wait policy (minimask's process calls ``minimask.configure_process()``,
    as the CLI does; torch's keeps the OpenMP runtime's default). Median of
-   ``--steps`` steps after ``--warmup`` steps.
+   ``--steps`` steps after ``--warmup`` steps, in wall-clock seconds and in
+   CPU seconds of the process (with one thread, the CPU seconds are what a
+   step costs on an idle core even when the machine is loaded).
 
 Cases: the tiny preset from the shipped ``weights/shapes_tiny.npz`` at 128
 and 256 px, and the resnet18 preset (seed-0 initialisation: no weights are
@@ -251,15 +253,28 @@ def _load_case(path):
     return prep, state, config
 
 
+def _cpu_seconds():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _time(fn, warmup, steps):
+    """Wall-clock and CPU seconds (user + system, all threads of the
+    process) of each step. On a loaded machine the wall clock of a step
+    grows with the load; its CPU seconds barely do - with one thread they
+    are what the step costs on an idle core, and with more they show time
+    burnt spinning."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpus = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         fn()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+        cpus.append(_cpu_seconds() - c0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+            "cpu_median_s": statistics.median(cpus)}
 
 
 def role_time_minimask(path, threads, warmup, steps, batch_targets):
@@ -327,26 +342,30 @@ def plot(results, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = results["timing"]
-    labels = [f"{r['preset']} {r['size']} px\n{r['threads']} thread{'s' if r['threads'] > 1 else ''}"
-              for r in rows]
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    w = 0.38
-    mm = [r["minimask_s"] * 1e3 for r in rows]
-    tt = [r["torch_s"] * 1e3 for r in rows]
-    ax.bar([i - w / 2 for i in x], mm, w, label="minimask (Numba)")
-    ax.bar([i + w / 2 for i in x], tt, w, label="PyTorch twin")
-    for i, r in zip(x, rows):
-        ax.text(i, max(mm[i], tt[i]) * 1.02, f"{r['ratio']:.2f}x", ha="center", fontsize=8)
-    ax.set_xticks(list(x))
-    ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("network step, ms (median)")
-    ax.set_yscale("log")
+    labels = [f"{r['preset']} {r['size']}\n{r['threads']} thr." for r in rows]
+    x = list(range(len(rows)))
+    panels = [("minimask_s", "torch_s", "ratio", "wall clock")]
+    if all("minimask_cpu_s" in r for r in rows):
+        panels.append(("minimask_cpu_s", "torch_cpu_s", "cpu_ratio", "CPU time"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6, 1.2 * len(rows)) * len(panels) / 1.3, 4.2),
+                             squeeze=False)
+    for ax, (km, kt, kr, ylabel) in zip(axes[0], panels):
+        ratios = [r[kr] for r in rows]
+        colours = ["tab:green" if q <= 1.0 else "tab:red" for q in ratios]
+        ax.bar(x, ratios, 0.6, color=colours)
+        ax.axhline(1.0, color="k", lw=1, ls="--")
+        for i, r in zip(x, rows):
+            ax.text(i, ratios[i] + 0.02 * max(ratios), f"{r[km] * 1e3:.0f} /\n{r[kt] * 1e3:.0f} ms",
+                    ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel(f"minimask / torch, {ylabel}")
+        ax.set_ylim(0, max(ratios) * 1.25)
+        ax.grid(axis="y", alpha=0.3)
     load = results["load_before"][0], results["load_after"][0]
-    ax.set_title(f"forward + eq. (2) + backward, float32, batch {results['batch']} "
-                 f"(load {load[0]:.1f} -> {load[1]:.1f})", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"network step (forward + eq. (2) + backward), float32, batch {results['batch']}, "
+                 f"medians (labels: minimask / torch); load average {load[0]:.1f} -> {load[1]:.1f}",
+                 fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
@@ -385,7 +404,8 @@ def orchestrate(args):
     print(f"timing float32, batch {args.batch}, median of {args.steps} steps "
           f"(load average before: {results['load_before'][0]:.2f})", flush=True)
     print(f"{'case':14s} {'threads':>7s} {'minimask ms':>12s} {'torch ms':>9s} {'ratio':>6s} "
-          f"{'model.loss ms':>14s} {'load':>11s}", flush=True)
+          f"{'CPU ms: minimask':>17s} {'torch':>7s} {'ratio':>6s} {'model.loss ms':>14s} "
+          f"{'load':>11s}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for preset, size in cases:
             path = os.path.join(tmp, f"{preset}_{size}.npz")
@@ -404,6 +424,8 @@ def orchestrate(args):
                        "minimask_s": mm["median_s"], "torch_s": tt["median_s"],
                        "ratio": mm["median_s"] / tt["median_s"],
                        "minimask_min_s": mm["min_s"], "torch_min_s": tt["min_s"],
+                       "minimask_cpu_s": mm["cpu_median_s"], "torch_cpu_s": tt["cpu_median_s"],
+                       "cpu_ratio": mm["cpu_median_s"] / tt["cpu_median_s"],
                        "minimask_model_loss_s": mm.get("model_loss_median_s"),
                        "numba_threading_layer": mm["layer"], "load_before": before,
                        "load_after": after, "minimask_times_s": mm["times_s"],
@@ -411,6 +433,8 @@ def orchestrate(args):
                 results["timing"].append(row)
                 print(f"{preset + ' ' + str(size):14s} {threads:7d} {row['minimask_s'] * 1e3:12.1f} "
                       f"{row['torch_s'] * 1e3:9.1f} {row['ratio']:6.2f} "
+                      f"{row['minimask_cpu_s'] * 1e3:17.1f} {row['torch_cpu_s'] * 1e3:7.1f} "
+                      f"{row['cpu_ratio']:6.2f} "
                       f"{(row['minimask_model_loss_s'] or 0) * 1e3:14.1f} "
                       f"{before:5.2f}/{after:5.2f}", flush=True)
     results["load_after"] = os.getloadavg()
