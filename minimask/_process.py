@@ -15,9 +15,18 @@ What it sets, and why:
   threads steal its cores: a training step of the tiny model at 128x128
   took 1.21 s that way and 0.078 s with passive waiting (2-core CI
   machine). The OpenMP runtime reads the variable once, when it starts, so
-  this only helps before the first parallel kernel has run - and not at all
-  in a process where another library (torch, for one) has already loaded
-  the same OpenMP runtime. ``configure_process`` says which it was.
+  this only helps before the first parallel kernel has run. In a process
+  where another library (torch, for one) has already loaded the OpenMP
+  runtime, it is too late: Numba's OpenMP layer would bind to that runtime,
+  spinning as it was told at its start (tiny step on 2 threads: 6.3 CPU
+  seconds instead of 2.4, measured under load by
+  ``benchmarks/bench_import_order.py``). There ``configure_process`` asks
+  Numba for its ``workqueue`` threading layer instead, whose threads sleep
+  on a condition variable between kernels (2.3 CPU seconds, torch loaded
+  first) - unless the user chose a layer (``NUMBA_THREADING_LAYER``) or
+  Numba has already started its threads. The workqueue layer runs one
+  parallel kernel at a time: call minimask's kernels from one Python
+  thread (the model is not thread-safe anyway).
 - glibc's malloc keeps freed blocks (``MINIMASK_MALLOPT=0`` to leave it
   alone). A training step allocates and frees the same large arrays (im2col
   columns, activations: up to tens of MB) every time. By default glibc gives
@@ -62,18 +71,38 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def _avoid_spinning_openmp() -> str | None:
+    """Choose Numba's workqueue threading layer if the user has not chosen
+    one and Numba has not started its threads yet; returns the layer chosen
+    (None when it was not ours to choose)."""
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return None
+    from numba.core import config
+    from numba.np.ufunc import parallel
+    if getattr(parallel, "_is_initialized", True) or str(config.THREADING_LAYER) != "default":
+        return None
+    config.THREADING_LAYER = "workqueue"
+    return "workqueue"
+
+
 def configure_process() -> dict:
-    """Apply minimask's process-wide settings (idempotent) and return what
-    was done: ``{"omp_wait_policy": value or None, "omp_already_started":
-    bool, "malloc_tuned": bool}``. ``omp_already_started`` True means the
-    OpenMP runtime was loaded before the call, so the wait policy it runs
-    with is whatever it read then. Also sets ``minimask.MALLOC_TUNED``."""
+    """Apply minimask's process-wide settings (idempotent; call it before
+    minimask runs its first kernel) and return what was done::
+
+        {"omp_wait_policy": "passive" (or the user's value),
+         "omp_already_started": bool,  # an OpenMP runtime was loaded before the call
+         "numba_threading_layer": "workqueue" or None (left to Numba / the user),
+         "malloc_tuned": bool}
+
+    Also sets ``minimask.MALLOC_TUNED``."""
     global _applied
     if _applied is None:
         started = _openmp_started()
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        layer = _avoid_spinning_openmp() if started else None
         _applied = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "omp_already_started": started,
+                    "numba_threading_layer": layer,
                     "malloc_tuned": keep_freed_memory()}
         import minimask
         minimask.MALLOC_TUNED = _applied["malloc_tuned"]
