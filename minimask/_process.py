@@ -18,13 +18,13 @@ What it sets, and why:
   this only helps before the first parallel kernel has run. In a process
   where another library (torch, for one) has already loaded the OpenMP
   runtime, it is too late: Numba's OpenMP layer would bind to that runtime,
-  spinning as it was told at its start (tiny step on 2 threads: 6.3 CPU
-  seconds instead of 2.4, measured under load by
-  ``benchmarks/bench_import_order.py``). There ``configure_process`` asks
-  Numba for its ``workqueue`` threading layer instead, whose threads sleep
-  on a condition variable between kernels (2.3 CPU seconds, torch loaded
-  first) - unless the user chose a layer (``NUMBA_THREADING_LAYER``) or
-  Numba has already started its threads. The workqueue layer runs one
+  spinning as it was told at its start (tiny step on 2 threads: 1.43 s
+  instead of 0.059 s, ``benchmarks/bench_import_order.py``, load 3.5).
+  There ``configure_process`` asks Numba for its ``workqueue`` threading
+  layer instead, whose threads sleep on a condition variable between
+  kernels (0.081 s a step with torch loaded first) - unless the user chose
+  a layer (``NUMBA_THREADING_LAYER``) or Numba has already started its
+  threads. The workqueue layer runs one
   parallel kernel at a time: call minimask's kernels from one Python
   thread (the model is not thread-safe anyway).
 - glibc's malloc keeps freed blocks (``MINIMASK_MALLOPT=0`` to leave it
