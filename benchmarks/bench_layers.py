@@ -56,6 +56,9 @@ sys.path.insert(0, str(ROOT))
 import minimask  # noqa: E402
 from minimask import layers as L  # noqa: E402
 
+# passive OpenMP waiting before torch loads the OpenMP runtime both share
+minimask.configure_process()
+
 try:
     import torch
     import torchvision

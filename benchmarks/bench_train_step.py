@@ -30,6 +30,7 @@ def one(preset, size, batch, steps, backend):
 
     sys.path.insert(0, str(ROOT))
     import minimask
+    minimask.configure_process()        # as the CLI does: this process is minimask's
     from minimask.data.synthetic import ShapesDataset
     from minimask.model import Config, RetinaMask
     from minimask.nn import SGD

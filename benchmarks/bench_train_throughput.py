@@ -40,6 +40,8 @@ def one(weights, steps, batch):
     """Time ``steps`` training steps in this process, or in this rank of an
     MPI job; returns (on rank 0) the medians as a dict."""
     sys.path.insert(0, str(ROOT))
+    import minimask
+    minimask.configure_process()        # as the CLI does: this process is minimask's
 
     from minimask import distributed
     from minimask.data.synthetic import ShapesDataset

@@ -257,6 +257,8 @@ class CommandError(ValueError):
 
 
 def main(argv=None) -> int:
+    from minimask._process import configure_process
+    configure_process()         # this process is minimask's: passive OpenMP waiting, malloc
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)   # for train's launcher

@@ -38,6 +38,7 @@ import numpy as np
 
 from minimask import distributed, runs
 from minimask.data.batch import hflip, make_batch  # noqa: F401  (also part of this module's API)
+from minimask._process import configure_process
 from minimask.model import Config, RetinaMask
 from minimask.nn import SGD, load_npz, save_npz
 
@@ -190,6 +191,7 @@ def train(dataset, settings: TrainSettings, config: Config | None = None,
     instead of a fresh ``RetinaMask(config)``. Frozen parameters (frozen
     batch norm, the stages ``trainable_stages`` leaves out) are not given to
     the optimiser, so they keep their values bit for bit."""
+    configure_process()     # training's process settings (minimask/_process.py)
     s = settings.validated()
     comm = distributed.world() if comm is None else comm
     if comm.size > 1:

@@ -16,6 +16,9 @@ from hypothesis import HealthCheck, settings
 import minimask
 from minimask._cuda import cuda_available
 
+# the test run owns its process: passive OpenMP waiting and malloc tuning, as the CLI
+minimask.configure_process()
+
 # JIT compilation on a first call breaks any per-example deadline.
 settings.register_profile(
     "default", deadline=None, max_examples=25, print_blob=True,

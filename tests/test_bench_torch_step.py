@@ -1,0 +1,58 @@
+"""The torch benchmark's parts that need no torch.
+
+``benchmarks/bench_torch_step.py`` times ``minimask_step`` (the network part
+of ``RetinaMask.loss``, fed targets computed once by ``prepare``) against a
+PyTorch twin. These tests check that this mirror computes exactly what
+``model.loss`` computes, so the benchmark times the real thing, and that
+the script refuses cleanly where torch is not installed.
+"""
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "bench_torch_step.py"
+
+
+def test_refuses_without_torch():
+    # sys.modules["torch"] = None makes torch unimportable, installed or not
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            f"sys.argv = [{str(SCRIPT)!r}, '--verify-only']; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "torch and torchvision are not installed" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_rejects_a_malformed_case():
+    bench = runpy.run_path(str(SCRIPT))
+    assert bench["parse_case"]("tiny:128") == ("tiny", 128)
+    with pytest.raises(Exception, match="PRESET:SIZE"):
+        bench["parse_case"]("tiny128")
+
+
+def test_network_step_equals_model_loss():
+    """float64, tiny preset at 64 px, two images: the losses and every
+    gradient of ``minimask_step`` equal ``model.loss``'s."""
+    from minimask.data.synthetic import ShapesDataset
+    from minimask.model import Config, RetinaMask
+
+    bench = runpy.run_path(str(SCRIPT))
+    data = ShapesDataset(seed=4, num_images=2, size=64)
+    images = np.stack([data[i][0] for i in range(2)]).astype(np.float64)
+    targets = [data[i][1] for i in range(2)]
+    model = RetinaMask(Config.preset("tiny", num_classes=data.num_classes, dtype="float64"))
+    prep = bench["prepare"](model, images, targets)
+    assert prep["rois"].shape[0] > 0 and int(prep["num_pos"]) > 0   # all three terms present
+    ref = model.loss(images, targets)
+    ref_grads = {k: p.grad.copy() for k, p in model.named_parameters()}
+    mine = bench["minimask_step"](model, prep)
+    for k in ("cls", "box", "mask", "total"):
+        assert mine[k] == pytest.approx(ref[k], rel=1e-12, abs=0)
+    for k, p in model.named_parameters():
+        np.testing.assert_allclose(p.grad, ref_grads[k], rtol=1e-10, atol=1e-14 * np.abs(ref_grads[k]).max())
