@@ -120,6 +120,19 @@ def compile_for_both(pyfunc):
     return cpu_version, cuda_version
 
 
+def _nchw_of(t, C, H, W):
+    """The (n, c, h, w) of flat index ``t`` in a C-contiguous (N, C, H, W)
+    array: what a one-thread-per-element kernel needs first."""
+    w = t % W
+    h = (t // W) % H
+    c = (t // (W * H)) % C
+    n = t // (W * H * C)
+    return n, c, h, w
+
+
+nchw_of_cpu, nchw_of_cuda = compile_for_both(_nchw_of)
+
+
 def device_sum(d, squares=False):
     """The float64 sum of the elements of device array ``d`` (of their
     squares with ``squares=True``), as a 1-element device array: one thread

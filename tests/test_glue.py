@@ -89,3 +89,11 @@ def test_sgd_update_matches_the_formula(backend, rng, dtype):
     np.testing.assert_allclose(host(dv), v2, rtol=1e-6 if dtype == np.float32 else 1e-15)
     np.testing.assert_allclose(host(dw), w - dtype(0.1) * v2,
                                rtol=1e-6 if dtype == np.float32 else 1e-15)
+
+
+def test_nchw_of_inverts_the_flat_index():
+    """The index helper every one-thread-per-element kernel starts with."""
+    from minimask._cuda import nchw_of_cpu
+    shape = (2, 3, 4, 5)
+    for t in range(int(np.prod(shape))):
+        assert nchw_of_cpu(t, *shape[1:]) == np.unravel_index(t, shape), t

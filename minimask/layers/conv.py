@@ -89,7 +89,7 @@ from numba import njit, prange
 from minimask import _cuda
 from minimask._checks import (check_float_array, check_nonnegative_int, check_positive_int,
                               check_same_dtype, is_device_array, pair)
-from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda, nchw_of_cuda
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # The geometry of one convolution: an "image" (N, C, H, W), read through a
@@ -401,10 +401,7 @@ if cuda is not None:
         L = OH * OW
         t = cuda.grid(1)
         if t < N * C * H * W:
-            v = t % W
-            h = (t // W) % H
-            c = (t // (W * H)) % C
-            n = t // (W * H * C)
+            n, c, h, v = nchw_of_cuda(t, C, H, W)
             total = cols[0, 0] * 0
             for i in range(kh):
                 p = grid_index_cuda(h, i, sh, ph, OH)

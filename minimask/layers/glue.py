@@ -42,7 +42,7 @@ from __future__ import annotations
 import numpy as np
 
 from minimask import _cuda
-from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda, nchw_of_cuda
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
@@ -164,10 +164,7 @@ if cuda is not None:
         N, C, H, W = out.shape
         t = cuda.grid(1)
         if t < N * C * H * W:
-            w = t % W
-            h = (t // W) % H
-            c = (t // (W * H)) % C
-            n = t // (W * H * C)
+            n, c, h, w = nchw_of_cuda(t, C, H, W)
             out[n, c, h, w] = x[n, c, h, w]
 
     @cuda.jit
@@ -175,10 +172,7 @@ if cuda is not None:
         N, C, H, W = out.shape
         t = cuda.grid(1)
         if t < N * C * H * W:
-            w = t % W
-            h = (t // W) % H
-            c = (t // (W * H)) % C
-            n = t // (W * H * C)
+            n, c, h, w = nchw_of_cuda(t, C, H, W)
             if h < d.shape[2] and w < d.shape[3]:
                 out[n, c, h, w] = d[n, c, h, w]
             else:
@@ -202,10 +196,7 @@ if cuda is not None:
         N, AP, H, W = m.shape
         t = cuda.grid(1)
         if t < N * AP * H * W:
-            w = t % W
-            h = (t // W) % H
-            ap = (t // (W * H)) % AP
-            n = t // (W * H * AP)
+            n, ap, h, w = nchw_of_cuda(t, AP, H, W)
             a = ap // P
             p = ap % P
             m[n, ap, h, w] = d[n, offset + (h * W + w) * A + a, p]
