@@ -17,6 +17,7 @@ never a traceback (set ``MINIMASK_DEBUG=1`` to see the traceback).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -151,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=_non_negative_int, default=50,
                    help="fresh shapes to evaluate on after training; 0 skips it (default: 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="sets",
+                   help="change one field of the tiny preset's model config for a new run, "
+                        "e.g. --set mask_size=56 --set roi_mode=max (repeatable; VALUE is "
+                        "JSON: 56, 0.3, true, \"max\" or max, [0.5,1,2]); the checkpoint "
+                        "records the whole config. The fields: minimask/model/config.py")
     # issue 15: fine-tuning from imported (pretrained) weights
     p.add_argument("--weights", metavar="W.npz", default=None,
                    help="start from these weights (e.g. from import-weights) instead of a "
@@ -531,6 +537,7 @@ def _settle_run(args) -> None:
     from minimask import runs
     from minimask.train import TrainSettings
 
+    _check_sets(args)
     if args.resume:
         if args.overwrite:
             raise CommandError("--resume continues a run and --overwrite replaces it: "
@@ -570,6 +577,9 @@ def _train(args, comm) -> int:
                              progress=not args.no_progress,
                              checkpoint_every=args.checkpoint_every)
     start = comm.agree(_start_model, args, dataset)
+    if root and args.sets:
+        print("the tiny preset with " + ", ".join(
+            f"{k}={v!r}" for k, v in parse_config_sets(args.sets).items()))
     if root:
         print(f"training on {type(dataset).__name__} ({len(dataset)} images, "
               f"{dataset.num_classes} classes) for {settings.iters} steps, backend "
@@ -622,13 +632,80 @@ def _checkpoint_step(out: Path):
     return step if isinstance(step, int) else None
 
 
+NOT_SETTABLE = {"num_classes": "it comes from the dataset", "seed": "give --seed",
+                "preset_name": "the tiny preset is the starting point", "dtype": None}
+
+
+def parse_config_sets(sets) -> dict:
+    """``["mask_size=56", "roi_mode=max"]`` -> ``{"mask_size": 56, "roi_mode": "max"}``.
+    Each VALUE is read as JSON (lists become tuples), else kept as a string;
+    a field the config does not have, or one set twice, is refused."""
+    import dataclasses
+
+    from minimask.model.config import Config
+    fields = {f.name for f in dataclasses.fields(Config)}
+    out = {}
+    for item in sets or []:
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise CommandError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set mask_size=56")
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise CommandError(f"--set: the model config has no field {name!r}{hint} "
+                               f"(the fields: minimask/model/config.py)")
+        if name in NOT_SETTABLE and NOT_SETTABLE[name]:
+            raise CommandError(f"--set {name}: not settable here ({NOT_SETTABLE[name]})")
+        if name in out:
+            raise CommandError(f"--set {name} given twice")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text.strip()
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _check_sets(args) -> None:
+    """--set, checked before any rank starts: known fields, valid values,
+    and only for a fresh model."""
+    sets = parse_config_sets(getattr(args, "sets", None))
+    if not sets:
+        return
+    if args.weights is not None or args.resume:
+        raise CommandError("--set changes the config of a fresh tiny model; "
+                           + ("--resume keeps the run's own config" if args.resume else
+                              "--weights brings its own") + " (leave --set out)")
+    from minimask.model.config import Config
+    try:
+        Config.preset("tiny", **sets)
+    except (ValueError, TypeError) as e:
+        raise CommandError(f"--set: {e}") from None
+
+
 def _start_model(args, dataset):
-    """train --weights / --trainable-stages: the model to start from, or None."""
+    """train --weights / --trainable-stages / --set: the model to start
+    from, or None (train() then makes the tiny preset)."""
+    sets = parse_config_sets(args.sets)
+    if sets and (args.weights is not None or args.resume):
+        raise CommandError("--set changes the config of a fresh tiny model; "
+                           + ("--resume keeps the run's own config" if args.resume else
+                              "--weights brings its own") + " (leave --set out)")
     if args.weights is None:
         if args.trainable_stages is not None:
             raise CommandError("--trainable-stages needs --weights (a pretrained backbone "
                                "from import-weights)")
-        return None
+        if not sets:
+            return None
+        from minimask.model import RetinaMask
+        from minimask.model.config import Config
+        try:
+            config = Config.preset("tiny", num_classes=dataset.num_classes, seed=args.seed,
+                                   **sets)
+        except (ValueError, TypeError) as e:
+            raise CommandError(f"--set: {e}") from None
+        return RetinaMask(config)
     if args.resume:
         raise CommandError("--weights starts a new run; --resume continues the one in --out "
                            "(give one of them)")

@@ -601,3 +601,54 @@ def test_rank_count_from_flag_environment_or_cores(monkeypatch):
     monkeypatch.setenv("MINIMASK_RANKS", "two")
     with pytest.raises(CommandError, match="MINIMASK_RANKS"):
         requested_ranks(args)
+
+
+# ----------------------------------------------------------------------
+# train --set FIELD=VALUE (issue 11's study: one config field changed)
+# ----------------------------------------------------------------------
+
+
+def test_set_changes_the_config_the_checkpoint_records(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, printed, err = _run(capsys, [
+        "train", "--iters", "2", "--num-images", "2", "--image-size", str(SIZE), "--out",
+        str(out), "--eval-images", "0", "--no-progress", "--set", "mask_size=16",
+        "--set", "roi_mode=max", "--set", "anchor_ratios=[0.25, 1, 4]"])
+    assert code == 0, err
+    assert "mask_size=16" in printed and "roi_mode='max'" in printed
+    model, _ = load_model(out / "checkpoint.npz")
+    c = model.config
+    assert (c.mask_size, c.roi_mode, c.anchor_ratios) == (16, "max", (0.25, 1, 4))
+    assert c.preset_name == "tiny" and c.num_classes == 4
+    # everything not set is the tiny preset's
+    from minimask.model.config import Config
+    tiny = Config.preset("tiny", num_classes=4).to_dict()
+    changed = {k for k, v in c.to_dict().items() if v != tiny[k]}
+    assert changed == {"mask_size", "roi_mode", "anchor_ratios"}
+
+
+@pytest.mark.parametrize("sets, expected", [
+    (["mask_size=55"], "'mask_size' must be an even integer"),
+    (["mask_siz=56"], "did you mean mask_size"),
+    (["roi_mode=maxx"], "one of ['avg', 'max']"),
+    (["mask_size"], "expected FIELD=VALUE"),
+    (["seed=3"], "give --seed"),
+    (["num_classes=7"], "from the dataset"),
+    (["mask_size=56", "mask_size=28"], "given twice"),
+])
+def test_set_refuses_bad_fields_and_values_in_one_line(sets, expected, tmp_path, capsys):
+    argv = ["train", "--iters", "1", "--out", str(tmp_path / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    code, out, err = _run(capsys, argv)
+    _assert_clean_error(code, out, err, expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_set_with_resume_or_weights_is_refused(weights, run_dir, tmp_path, capsys):
+    code, out, err = _run(capsys, ["train", "--out", str(run_dir), "--resume", "--iters", "9",
+                                   "--set", "mask_size=56"])
+    _assert_clean_error(code, out, err, "--resume keeps the run's own config")
+    code, out, err = _run(capsys, ["train", "--out", str(tmp_path / "r"), "--weights",
+                                   str(weights), "--set", "mask_size=56"])
+    _assert_clean_error(code, out, err, "--weights brings its own")
