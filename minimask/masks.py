@@ -21,7 +21,9 @@ For the mask branch:
 * ``mask_targets(gt_masks, boxes, m)`` - each RoI's training target, its
   ground-truth mask resampled onto an ``m x m`` grid by RoIAlign;
 * ``paste_mask`` / ``paste_masks`` - a predicted ``m x m`` mask resized
-  bilinearly into its box in the image, then thresholded.
+  bilinearly into its box in the image, then thresholded;
+* ``oracle_mask_quality(dataset, m)`` - the best an ``m x m`` mask can do:
+  each object's own target pasted back, scored against its true mask.
 """
 from __future__ import annotations
 
@@ -222,4 +224,60 @@ def paste_masks(masks, boxes, height: int, width: int, threshold: float = 0.5) -
     out = np.zeros((len(boxes), height, width), dtype=bool)
     for d in range(len(boxes)):
         out[d] = paste_mask(masks[d], boxes[d], height, width) >= threshold
+    return out
+
+
+def oracle_mask_quality(dataset, mask_size: int, num_images=None) -> dict:
+    """The best any ``m x m`` mask head can do on a dataset, per class.
+
+    For every object the "oracle" prediction is its own training target,
+    ``mask_targets`` of its true mask in its true box (thresholded at 0.5),
+    pasted back into that box by ``paste_masks`` (thresholded at 0.5). What
+    is lost is lost to the ``m x m`` grid alone: no model can beat it with
+    masks of that size. Per object, with ``P`` the pasted mask and ``M`` the
+    true one,
+
+        mask IoU:             |P & M| / |P | M|
+        mask crop background: |P \\ M| / |P|   (1 for an empty P, as
+                                                ``evaluate.CutoutReport``)
+
+    Inputs:
+    - dataset: indexable, ``dataset[i] -> (image, target)`` with target
+      ``{"boxes": (G, 4), "labels": (G,), "masks": (G, H, W)}`` (as
+      ``ShapesDataset``); its ``class_names`` name the classes when it has
+      them, else the classes are named by their index
+    - mask_size: int >= 1, the mask's side ``m``
+    - num_images: how many images from the start (default: all)
+    Returns ``{class name: {"objects": n, "mask_iou": mean, "mask_crop_background":
+    mean}}``, the means ``None`` for a class with no object.
+    """
+    if isinstance(mask_size, (bool, np.bool_)) or not isinstance(mask_size, (int, np.integer)) \
+            or mask_size < 1:
+        raise ValueError(f"mask_size must be an integer >= 1, got {mask_size!r}")
+    n = len(dataset) if num_images is None else int(num_images)
+    if not 0 < n <= len(dataset):
+        raise ValueError(f"num_images must be in 1..{len(dataset)} (the dataset's size), "
+                         f"got {num_images!r}")
+    names = list(getattr(dataset, "class_names", []))
+    ious, backgrounds = {}, {}
+    for i in range(n):
+        _, target = dataset[i]
+        gt = np.asarray(target["masks"]).astype(bool)
+        if len(gt) == 0:
+            continue
+        boxes = np.asarray(target["boxes"], dtype=np.float64).reshape(-1, 4)
+        H, W = gt.shape[1:]
+        pasted = paste_masks(mask_targets(gt, boxes, int(mask_size)), boxes, H, W)
+        for label, p, g in zip(np.asarray(target["labels"]).astype(int), pasted, gt):
+            both = int((p & g).sum())
+            ious.setdefault(label, []).append(both / max(1, int((p | g).sum())))
+            backgrounds.setdefault(label, []).append(1.0 - both / p.sum() if p.any() else 1.0)
+    labels = range(max(len(names), max(ious, default=-1) + 1))
+    out = {}
+    for c in labels:
+        name = names[c] if c < len(names) else str(c)
+        found = ious.get(c, [])
+        out[name] = {"objects": len(found),
+                     "mask_iou": float(np.mean(found)) if found else None,
+                     "mask_crop_background": float(np.mean(backgrounds[c])) if found else None}
     return out
