@@ -86,6 +86,9 @@ class Config:
     pos_iou: float = 0.5
     neg_iou: float = 0.4
     low_quality_matches: bool = True
+    # a ground truth claims its best anchor(s) only when that IoU is at least
+    # this (and above 0); RetinaMask ablates 0.0-0.4. 0.0: any overlap counts
+    low_quality_iou: float = 0.0
     # losses
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -285,6 +288,7 @@ FIELD_RULES = {
     "pos_iou": _real(0, 1, lo_open=True),
     "neg_iou": _real(0, 1),
     "low_quality_matches": _bool,
+    "low_quality_iou": _real(0, 1),
     "focal_alpha": _real(0, 1),
     "focal_gamma": _real(0, 10),
     "box_beta": _real(0, 1e3),

@@ -367,7 +367,7 @@ class RetinaMask(Module):
         pos_rows, pos_targets, hot, ignored = [], [], [], []
         for n, t in enumerate(targets):
             matches = match_anchors(anchors, t["boxes"], c.pos_iou, c.neg_iou,
-                                    c.low_quality_matches)
+                                    c.low_quality_matches, low_quality_iou=c.low_quality_iou)
             pos = np.flatnonzero(matches >= 0)
             hot.append((n * A + pos) * K + t["labels"][matches[pos]])
             ign = np.flatnonzero(matches == IGNORED)
