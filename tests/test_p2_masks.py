@@ -387,3 +387,35 @@ def test_cuda_step_with_p2_equals_cpu():
     assert np.any(gcpu["fpn.smooth2.weight"] != 0)
     for name, g in gcpu.items():
         np.testing.assert_allclose(ggpu[name], g, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_an_imported_retinanet_takes_a_p2_for_the_masks():
+    """torchvision's RetinaNet has no P2: imported into a model with
+    roi_min_level=2, its P3..P7 are the golden ones and the P2 convs start
+    from their initial values, as the mask head does."""
+    from tests.test_pretrained import GOLDEN as TV_GOLDEN, golden_model
+    model, report = golden_model(roi_min_level=2, canonical_level=4)
+    assert model.fpn.with_p2 and not report["skipped"]
+    assert {"fpn.lateral2.weight", "fpn.smooth2.bias"} <= set(report["initialised"])
+    assert all(n.startswith(("mask_head.", "fpn.lateral2.", "fpn.smooth2."))
+               for n in report["initialised"])
+    ref = np.load(TV_GOLDEN / "retinanet_narrow_outputs.npz")
+    P, _ = model.fpn.forward(model.backbone.forward(ref["x"].astype(np.float64))[0])
+    assert len(P) == 6
+    for i, p in enumerate(P[1:]):
+        assert rel_error(p, ref[f"P{3 + i}"]) < 1e-6, i
+
+
+def test_a_model_with_p2_trains_on_an_image_of_odd_size():
+    """100 x 74 px: C2 is 25 x 19, the doubled C3 26 x 20 is cropped."""
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0, 0.2, (1, 3, 100, 74))
+    masks = np.zeros((1, 100, 74), bool)
+    masks[0, 30:46, 20:28] = True
+    targets = [{"boxes": np.array([[20, 30, 28, 46.0]]), "labels": np.array([1]), "masks": masks}]
+    with minimask.using_backend("numpy"):
+        model = RetinaMask(micro_config(mask_rois_from_detections=False, **P2_LEVELS))
+        assert model.pooler.levels_of(targets[0]["boxes"]).tolist() == [2]
+        out = model.loss(image, targets)
+    assert np.isfinite(out["total"]) and out["num_mask_rois"] == 1
+    assert np.any(model.fpn.smooth2.weight.grad != 0)
