@@ -166,7 +166,7 @@ IGNORED = -2
 
 
 def match_anchors(anchors, gt_boxes, pos_iou: float = 0.5, neg_iou: float = 0.4,
-                  low_quality: bool = True) -> np.ndarray:
+                  low_quality: bool = True, *, low_quality_iou: float = 0.0) -> np.ndarray:
     """Assign each anchor a ground truth, or mark it negative or ignored.
 
     Returns ``matches`` of shape (num_anchors,): the index of the matched
@@ -174,7 +174,9 @@ def match_anchors(anchors, gt_boxes, pos_iou: float = 0.5, neg_iou: float = 0.4,
     below ``neg_iou``, ``IGNORED`` (-2) in between. With ``low_quality``,
     each ground truth also claims the anchor(s) it overlaps most, even below
     ``pos_iou`` (RetinaMask's best matches): a small or oddly shaped object
-    would otherwise get no positive anchor at all.
+    would otherwise get no positive anchor at all. ``low_quality_iou``: a
+    claim counts only when that best IoU is at least this (RetinaMask
+    ablates 0.0-0.4); at 0.0 any overlap above zero counts.
     """
     from minimask.boxes import box_iou
     anchors = np.asarray(anchors, dtype=np.float64)
@@ -184,6 +186,10 @@ def match_anchors(anchors, gt_boxes, pos_iou: float = 0.5, neg_iou: float = 0.4,
         return matches
     if not pos_iou >= neg_iou:
         raise ValueError(f"pos_iou ({pos_iou}) must be >= neg_iou ({neg_iou})")
+    is_number = isinstance(low_quality_iou, (int, float, np.number)) \
+        and not isinstance(low_quality_iou, (bool, np.bool_))
+    if not (is_number and 0.0 <= low_quality_iou <= 1.0):
+        raise ValueError(f"low_quality_iou must be a number in [0, 1], got {low_quality_iou!r}")
     iou = box_iou(gt_boxes, anchors)                  # (G, num_anchors)
     best_gt = iou.argmax(0)
     best_iou = iou[best_gt, np.arange(len(anchors))]
@@ -195,8 +201,9 @@ def match_anchors(anchors, gt_boxes, pos_iou: float = 0.5, neg_iou: float = 0.4,
         # not for the object that claimed it: a claim must never take an
         # anchor away from an object with a higher IoU (torchvision's Matcher
         # and detectron2's do the same). Objects that overlap no anchor at all
-        # (best IoU 0) claim nothing.
+        # (best IoU 0) claim nothing, nor do those whose best IoU is below
+        # low_quality_iou.
         top = iou.max(1, keepdims=True)                  # (G, 1)
-        _, claimed = np.nonzero((iou == top) & (top > 0))
+        _, claimed = np.nonzero((iou == top) & (top > 0) & (top >= low_quality_iou))
         matches[claimed] = best_gt[claimed]
     return matches

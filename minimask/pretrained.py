@@ -263,7 +263,10 @@ def import_state(model, tensors: dict, kind: str, source: str = "the checkpoint"
     need = [n for n in own if n.startswith("backbone.")]
     zero_bias = []
     if kind.startswith("retinanet"):
+        # a P2 for the masks (roi_min_level=2) is minimask's own: it starts
+        # from its initial values, as the mask head does
         need += [n for n in own if n.startswith(("fpn.", "cls_head.", "box_head."))
+                 and not n.startswith(("fpn.lateral2.", "fpn.smooth2."))
                  and not (new_class_head and n.startswith("cls_head.predict."))]
     if kind == "retinanet_v2":
         # v2's head convs feed a GroupNorm and carry no bias: ours is set to zero, exactly

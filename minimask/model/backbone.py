@@ -2,7 +2,9 @@
 
 Stem (conv, GN, ReLU, 3x3/2 max-pool) to stride 4, then four stages of
 residual blocks; stages 2-4 halve the resolution, so their outputs C3, C4,
-C5 have strides 8, 16, 32 - the inputs of the FPN.
+C5 have strides 8, 16, 32 - the inputs of the FPN. With ``with_c2=True``
+stage 1's output C2 (stride 4) is returned too, for an FPN that builds P2;
+its gradient then adds to the one stage 2 sends back into stage 1.
 
 A residual block computes ``relu(branch(x) + shortcut(x))``; its backward
 sends the gradient after the ReLU down both paths and adds what comes back.
@@ -65,15 +67,16 @@ class Bottleneck(BasicBlock):
 
 
 class ResNet(Module):
-    """``forward(images)`` -> ``([C3, C4, C5], cache)``.
+    """``forward(images)`` -> ``([C3, C4, C5], cache)``, or ``([C2, C3, C4,
+    C5], cache)`` with ``with_c2=True``.
 
     stem_channels, stem_kernel: the first convolution (7x7 in ResNet; the
     tiny preset uses 3x3). blocks, widths: per stage. block: "basic" or
-    "bottleneck".
+    "bottleneck". ``out_channels``: the widths of the maps ``forward`` returns.
     """
 
     def __init__(self, *, stem_channels, stem_kernel, blocks, widths, block="basic",
-                 rng, dtype=np.float32):
+                 rng, dtype=np.float32, with_c2=False):
         Block = BasicBlock if block == "basic" else Bottleneck
         self.stem = Sequential(*_conv_gn(3, stem_channels, stem_kernel, 2, rng, dtype),
                                MaxPool2d(3, 2, 1))
@@ -85,7 +88,9 @@ class ResNet(Module):
             stage += [Block(width, width, 1, rng=rng, dtype=dtype) for _ in range(n - 1)]
             self.stages.append(Sequential(*stage))
             c_in = width
-        self.out_channels = list(widths[1:])  # channels of C3, C4, C5
+        self.with_c2 = bool(with_c2)
+        # channels of C3, C4, C5 (C2 first with_c2)
+        self.out_channels = list(widths if self.with_c2 else widths[1:])
 
     def forward(self, x):
         x, stem_cache = self.stem.forward(x)
@@ -94,14 +99,17 @@ class ResNet(Module):
             x, cache = stage.forward(x)
             outputs.append(x)
             caches.append(cache)
-        return outputs[1:], (stem_cache, caches, [o.shape for o in outputs])
+        first = 0 if self.with_c2 else 1
+        return outputs[first:], (stem_cache, caches, [o.shape for o in outputs])
 
     def backward(self, dfeatures, cache):
-        """``dfeatures``: gradients of [C3, C4, C5]; returns d(images)."""
+        """``dfeatures``: gradients of [C3, C4, C5] (of [C2, ..., C5]
+        with_c2); returns d(images)."""
         stem_cache, caches, shapes = cache
+        first = 0 if self.with_c2 else 1       # the stage whose output is dfeatures[0]
         dx = None
         for i in range(len(self.stages) - 1, -1, -1):
-            d_here = dfeatures[i - 1] if i >= 1 else None
+            d_here = dfeatures[i - first] if i >= first else None
             if dx is None:
                 dx = d_here
             elif d_here is not None:

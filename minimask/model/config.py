@@ -86,6 +86,9 @@ class Config:
     pos_iou: float = 0.5
     neg_iou: float = 0.4
     low_quality_matches: bool = True
+    # a ground truth claims its best anchor(s) only when that IoU is at least
+    # this (and above 0); RetinaMask ablates 0.0-0.4. 0.0: any overlap counts
+    low_quality_iou: float = 0.0
     # losses
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -106,6 +109,9 @@ class Config:
     roi_mode: str = "avg"              # or "max", the write-up's description
     canonical_size: float = 224
     canonical_level: int = 4
+    # the mask RoIs' levels; roi_min_level = 2 makes the FPN build a stride-4
+    # P2 from C2 for the mask branch only (RetinaMask's p2p7), the dense
+    # heads keep P3..P7
     roi_min_level: int = 3
     roi_max_level: int = 5
     mask_roi_iou: float = 0.5          # detections become mask RoIs at this IoU
@@ -157,7 +163,7 @@ class Config:
         if self.roi_min_level > self.roi_max_level:
             raise ValueError(f"config fields 'roi_min_level' ({self.roi_min_level}) and "
                              f"'roi_max_level' ({self.roi_max_level}) must give a range of "
-                             f"levels within P3..P7")
+                             f"levels within P2..P7")
         if not self.roi_min_level <= self.canonical_level <= self.roi_max_level:
             raise ValueError(f"config field 'canonical_level' ({self.canonical_level}) must "
                              f"lie within roi_min_level..roi_max_level")
@@ -282,6 +288,7 @@ FIELD_RULES = {
     "pos_iou": _real(0, 1, lo_open=True),
     "neg_iou": _real(0, 1),
     "low_quality_matches": _bool,
+    "low_quality_iou": _real(0, 1),
     "focal_alpha": _real(0, 1),
     "focal_gamma": _real(0, 10),
     "box_beta": _real(0, 1e3),
@@ -298,8 +305,8 @@ FIELD_RULES = {
     "roi_sampling_ratio": _int(0, 16),
     "roi_mode": _choice("avg", "max"),
     "canonical_size": _real(0, 1e5, lo_open=True),
-    "canonical_level": _int(3, 7),
-    "roi_min_level": _int(3, 7),
+    "canonical_level": _int(2, 7),
+    "roi_min_level": _int(2, 7),     # 2: P2, built for the mask RoIs only
     "roi_max_level": _int(3, 7),
     "mask_roi_iou": _real(0, 1),
     "mask_rois_from_detections": _bool,

@@ -156,7 +156,8 @@ STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
 
 class TorchvisionResNet(Module):
-    """``forward(images)`` -> ``([C3, C4, C5], cache)``, torchvision's layout.
+    """``forward(images)`` -> ``([C3, C4, C5], cache)``, torchvision's layout
+    (``([C2, C3, C4, C5], cache)`` with ``with_c2=True``: layer1's output too).
 
     stem_channels: width of conv1 (64 in every torchvision ResNet).
     blocks: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
@@ -166,7 +167,7 @@ class TorchvisionResNet(Module):
     """
 
     def __init__(self, *, stem_channels=64, blocks, widths, block="bottleneck", rng,
-                 dtype=np.float32, eps=1e-5, trainable_stages=5):
+                 dtype=np.float32, eps=1e-5, trainable_stages=5, with_c2=False):
         Block = TVBottleneck if block == "bottleneck" else TVBasicBlock
         self.conv1 = Conv2d(3, stem_channels, 7, 2, 3, bias=False, rng=rng, dtype=dtype)
         self.bn1 = FrozenBatchNorm2d(stem_channels, eps=eps, dtype=dtype)
@@ -182,7 +183,8 @@ class TorchvisionResNet(Module):
             stage += [Block(width, planes, 1, rng=rng, dtype=dtype, eps=eps) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", stage)
             c_in = width
-        self.out_channels = list(widths[1:])
+        self.with_c2 = bool(with_c2)
+        self.out_channels = list(widths if self.with_c2 else widths[1:])
         self.trainable_stages = None
         self.set_trainable_stages(trainable_stages)
 
@@ -218,19 +220,22 @@ class TorchvisionResNet(Module):
                 stage_caches.append(c)
             outputs.append(h)
             caches.append(stage_caches)
-        return outputs[1:], ((c1, cb, cr, cp), caches, [o.shape for o in outputs])
+        first = 0 if self.with_c2 else 1
+        return outputs[first:], ((c1, cb, cr, cp), caches, [o.shape for o in outputs])
 
     def backward(self, dfeatures, cache):
-        """``dfeatures``: gradients of [C3, C4, C5]. Returns d(images), or
+        """``dfeatures``: gradients of [C3, C4, C5] (of [C2, ..., C5]
+        with_c2: C2's adds to what layer2 sends into layer1's output). Returns d(images), or
         ``None`` when the stem is frozen (the pass stops at the lowest
         trainable stage: nothing below it needs a gradient)."""
         (c1, cb, cr, cp), caches, shapes = cache
         lowest = 5 - self.trainable_stages          # index in STAGE_NAMES
+        first = 1 if self.with_c2 else 2            # the layer whose output is dfeatures[0]
         dx = None
         for i in range(4, 0, -1):                   # layer4 .. layer1
             if i < lowest:
                 return None
-            d_here = dfeatures[i - 2] if i >= 2 else None
+            d_here = dfeatures[i - first] if i >= first else None
             if dx is None:
                 dx = d_here
             elif d_here is not None:

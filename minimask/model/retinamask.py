@@ -1,6 +1,7 @@
 r"""RetinaMask: RetinaNet plus a mask subnet, with one backward through eq. (2).
 
-    images -> ResNet -> C3..C5 -> FPN -> P3..P7
+    images -> ResNet -> C3..C5 -> FPN -> P3..P7   (and C2 -> P2 for the masks when
+                                                  config.roi_min_level == 2)
         class subnet  -> focal loss over every anchor            L_cls
         box subnet    -> smooth L1 over the positive anchors     L_loc
         detections (+ ground-truth boxes) as RoIs -> RoIAlign at the level
@@ -45,16 +46,19 @@ class RetinaMask(Module):
         dtype = np.dtype(config.dtype)
         self.dtype = dtype
         C = config.fpn_channels
+        # a P2 (stride 4, from C2) exists only when the mask RoIs may read it
+        with_p2 = config.roi_min_level == 2
         if config.backbone == "frozenbn":    # torchvision's layout, for pretrained weights
             from minimask.model.frozen_resnet import TorchvisionResNet
             self.backbone = TorchvisionResNet(
                 stem_channels=config.stem_channels, blocks=config.blocks, widths=config.widths,
                 block=config.block, rng=rng, dtype=dtype, eps=config.frozen_bn_eps,
-                trainable_stages=config.trainable_stages)
+                trainable_stages=config.trainable_stages, with_c2=with_p2)
         else:
             self.backbone = ResNet(stem_channels=config.stem_channels,
                                    stem_kernel=config.stem_kernel, blocks=config.blocks,
-                                   widths=config.widths, block=config.block, rng=rng, dtype=dtype)
+                                   widths=config.widths, block=config.block, rng=rng, dtype=dtype,
+                                   with_c2=with_p2)
         self.fpn = FPN(self.backbone.out_channels, C, rng=rng, dtype=dtype,
                        p6_input=config.p6_input)
         self.cls_head = DenseHead(C, config.head_convs, config.num_anchors, config.num_classes,
@@ -68,7 +72,7 @@ class RetinaMask(Module):
             output_size=config.mask_size // 2, sampling_ratio=config.roi_sampling_ratio,
             mode=config.roi_mode, canonical_size=config.canonical_size,
             canonical_level=config.canonical_level, min_level=config.roi_min_level,
-            max_level=config.roi_max_level, first_level=3)
+            max_level=config.roi_max_level, first_level=2 if with_p2 else 3)
         self._anchor_cache = {}
         # running mean and variance of |box error| for the self-adjusting
         # beta: a buffer, so a checkpoint carries it and a resumed run goes on
@@ -177,6 +181,9 @@ class RetinaMask(Module):
         done on the host before the copy to the backend's device)."""
         C, backbone_cache = self.backbone.forward(images)
         P, fpn_cache = self.fpn.forward(C)
+        P2 = None
+        if self.fpn.with_p2:        # P2 is for the mask RoIs only
+            P2, P = P[0], P[1:]
         cls_maps, cls_cache = self.cls_head.forward(P)
         box_maps, box_cache = self.box_head.forward(P)
         K = self.config.num_classes
@@ -184,17 +191,33 @@ class RetinaMask(Module):
         logits = glue.flatten_heads(cls_maps, K)
         deltas = glue.flatten_heads(box_maps, 4)
         cache = (backbone_cache, fpn_cache, cls_cache, box_cache,
-                 [tuple(m.shape) for m in cls_maps], [tuple(m.shape) for m in box_maps])
+                 [tuple(m.shape) for m in cls_maps], [tuple(m.shape) for m in box_maps], P2)
         return P, logits, deltas, cache
 
+    @staticmethod
+    def _mask_levels(P, cache):
+        """The maps the mask RoIs are pooled from: P3..P7 (``P``, what
+        ``_forward_dense`` returned), with P2 in front when the FPN builds it."""
+        P2 = cache[-1]
+        return list(P) if P2 is None else [P2] + list(P)
+
     def _backward_dense(self, dlogits, ddeltas, dP_extra, cache):
-        backbone_cache, fpn_cache, cls_cache, box_cache, cls_shapes, box_shapes = cache
+        """dP_extra: gradients of the ``_mask_levels`` maps (or None)."""
+        backbone_cache, fpn_cache, cls_cache, box_cache, cls_shapes, box_shapes, P2 = cache
         dcls = glue.unflatten_heads(dlogits, cls_shapes)
         dbox = glue.unflatten_heads(ddeltas, box_shapes)
         dP = [glue.add(a, b) for a, b in zip(self.cls_head.backward(dcls, cls_cache),
                                              self.box_head.backward(dbox, box_cache))]
+        dP2 = None
+        if P2 is not None:
+            if dP_extra is None:
+                dP2 = current_backend().zeros(tuple(P2.shape), P2.dtype)
+            else:
+                dP2, dP_extra = dP_extra[0], dP_extra[1:]
         if dP_extra is not None:
             dP = [glue.add(a, b) for a, b in zip(dP, dP_extra)]
+        if dP2 is not None:
+            dP = [dP2] + dP
         dC = self.fpn.backward(dP, fpn_cache)
         self.backbone.backward(dC, backbone_cache)
 
@@ -344,7 +367,7 @@ class RetinaMask(Module):
         pos_rows, pos_targets, hot, ignored = [], [], [], []
         for n, t in enumerate(targets):
             matches = match_anchors(anchors, t["boxes"], c.pos_iou, c.neg_iou,
-                                    c.low_quality_matches)
+                                    c.low_quality_matches, low_quality_iou=c.low_quality_iou)
             pos = np.flatnonzero(matches >= 0)
             hot.append((n * A + pos) * K + t["labels"][matches[pos]])
             ign = np.flatnonzero(matches == IGNORED)
@@ -387,7 +410,8 @@ class RetinaMask(Module):
         if mask_batch is not None:
             rois, labels, mtargets = mask_batch
             num_rois = len(rois)
-            roi_features, pool_cache = self.pooler.forward(P, rois)
+            roi_features, pool_cache = self.pooler.forward(self._mask_levels(P, dense_cache),
+                                                           rois)
             mask_logits, head_cache = self.mask_head.forward(roi_features)
             l_mask, bce_cache = mask_bce_forward(mask_logits, labels, mtargets)
             l_mask = float(be.to_host(l_mask))
@@ -421,8 +445,11 @@ class RetinaMask(Module):
         N, _, H, W = images.shape
         be = current_backend()
         self.to_backend(be)
-        P, logits, deltas, _ = self._forward_dense(be.asarray(self.normalize_images(images)))
+        P, logits, deltas, dense_cache = self._forward_dense(
+            be.asarray(self.normalize_images(images)))
         anchors_per_level = self._anchors(P, (H, W))
+        mask_levels = self._mask_levels(P, dense_cache)
+        del dense_cache     # the backward's caches; the mask levels are kept
         results = []
         for n in range(N):
             boxes, scores, labels = self._detect_one(logits[n], deltas[n], anchors_per_level, H, W)
@@ -431,7 +458,7 @@ class RetinaMask(Module):
             class_masks = np.zeros((0, c.num_classes, c.mask_size, c.mask_size))
             if len(boxes):
                 rois = np.concatenate([np.full((len(boxes), 1), n), boxes], 1).astype(self.dtype)
-                roi_features, _ = self.pooler.forward(P, rois)
+                roi_features, _ = self.pooler.forward(mask_levels, rois)
                 mask_logits = be.to_host(self.mask_head.forward(roi_features)[0])
                 if return_probabilities:
                     class_masks = sigmoid_numpy(mask_logits.astype(np.float64))
