@@ -86,10 +86,11 @@ from collections import namedtuple
 import numpy as np
 from numba import njit, prange
 
-from minimask import _cuda
+from minimask import _blas, _cuda
 from minimask._checks import (check_float_array, check_nonnegative_int, check_positive_int,
                               check_same_dtype, is_device_array, pair)
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda, nchw_of_cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # The geometry of one convolution: an "image" (N, C, H, W), read through a
@@ -172,6 +173,8 @@ class _NumpyOps:
     def matmul(a, b, trans_a=False, trans_b=False):
         return (a.T if trans_a else a) @ (b.T if trans_b else b)
 
+    temp_matmul = matmul
+
     @staticmethod
     def to_rows(x):
         """(N, C, H, W) -> (C, N H W): one row per channel."""
@@ -220,7 +223,7 @@ def _valid_range(k, stride, pad, size, n_grid):
     return lo, max(lo, hi)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _im2col_cpu(x, cols, kh, kw, sh, sw, ph, pw, OH, OW):
     N, C, H, W = x.shape
     L = OH * OW
@@ -246,7 +249,7 @@ def _im2col_cpu(x, cols, kh, kw, sh, sw, ph, pw, OH, OW):
                     cols[r, base + q] = 0
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _col2im_cpu(cols, dx, kh, kw, sh, sw, ph, pw, OH, OW):
     N, C, H, W = dx.shape
     L = OH * OW
@@ -271,7 +274,7 @@ def _col2im_cpu(cols, dx, kh, kw, sh, sw, ph, pw, OH, OW):
                         dx[n, c, h, q * sw - pw + j] += cols[r, base + q]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _to_rows_cpu(x, out):
     N, C, L = x.shape
     for c in prange(C):
@@ -280,7 +283,7 @@ def _to_rows_cpu(x, out):
                 out[c, n * L + l] = x[n, c, l]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _from_rows_cpu(y2, b, has_bias, out):
     N, C, L = out.shape
     for nc in prange(N * C):
@@ -291,7 +294,7 @@ def _from_rows_cpu(y2, b, has_bias, out):
             out[n, c, l] = y2[c, n * L + l] + shift
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _add_bias_cpu(out, b):
     N, C, L = out.shape
     for nc in prange(N * C):
@@ -300,7 +303,7 @@ def _add_bias_cpu(out, b):
             out[nc // C, c, l] += b[c]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _bias_grad_cpu(dout, db):
     N, C, L = dout.shape
     for c in prange(C):
@@ -309,6 +312,19 @@ def _bias_grad_cpu(dout, db):
             for l in range(L):
                 total += dout[n, c, l]
         db[c] = total
+
+
+_WORKSPACE = {}
+
+
+def _workspace(size, dtype):
+    """A flat scratch array of at least ``size`` elements of ``dtype``, kept
+    between calls (one per dtype, grown when a larger one is asked for)."""
+    dtype = np.dtype(dtype)
+    buf = _WORKSPACE.get(dtype)
+    if buf is None or buf.size < size:
+        buf = _WORKSPACE[dtype] = np.empty(size, dtype=dtype)
+    return buf[:size]
 
 
 class _CpuOps:
@@ -328,7 +344,22 @@ class _CpuOps:
                     g.OH, g.OW)
         return dx
 
-    matmul = _NumpyOps.matmul   # NumPy's @ calls BLAS, transposes included
+    @staticmethod
+    def matmul(a, b, trans_a=False, trans_b=False):
+        # minimask's BLAS call: its kernels and its threads by work size
+        # (minimask._blas); transposes are flags, not copies.
+        return _blas.gemm(a, b, trans_a, trans_b)
+
+    @staticmethod
+    def temp_matmul(a, b, trans_a=False, trans_b=False):
+        """``matmul`` into a workspace that the next ``temp_matmul`` call
+        overwrites: for a product that is used once, at once (``dcols``,
+        consumed by ``col2im``). The largest of these is 38 MB (3x3,
+        256 -> 256 at 64 x 64); a fresh one every backward pass is fresh
+        pages from the kernel, each faulted in and zeroed."""
+        M = a.shape[1] if trans_a else a.shape[0]
+        N = b.shape[0] if trans_b else b.shape[1]
+        return _blas.gemm(a, b, trans_a, trans_b, out=_workspace(M * N, a.dtype).reshape(M, N))
 
     @staticmethod
     def to_rows(x):
@@ -495,6 +526,8 @@ class _CudaOps:
         from minimask.layers.gemm import gemm_device
         return gemm_device(a, b, trans_a, trans_b)
 
+    temp_matmul = matmul
+
     @staticmethod
     def to_rows(x):
         N, C, H, W = x.shape
@@ -649,7 +682,7 @@ def conv2d_backward(dout, cache):
 
     dout2 = ops.to_rows(d_dout)                              # (F, N OH OW)
     dw = ops.like_weight(ops.matmul(dout2, cols, trans_b=True), w)
-    dcols = ops.matmul(W2, dout2, trans_a=True)              # (C kh kw, N OH OW)
+    dcols = ops.temp_matmul(W2, dout2, trans_a=True)         # (C kh kw, N OH OW)
     dx = ops.col2im(dcols, g)
     db = ops.bias_grad(d_dout) if has_bias else None
     return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
@@ -695,7 +728,7 @@ def conv_transpose2d_forward(x, w, b, stride=2, padding=0):
 
     x2 = ops.to_rows(d_x)                            # (C_in, N H W)
     W2 = ops.weight_matrix(d_w)                      # (C_in, C_out kh kw)
-    cols = ops.matmul(W2, x2, trans_a=True)          # (C_out kh kw, N H W)
+    cols = ops.temp_matmul(W2, x2, trans_a=True)     # (C_out kh kw, N H W)
     out = ops.col2im(cols, g)                        # (N, C_out, H_out, W_out)
     if b is not None:
         ops.add_bias(out, d_b)
