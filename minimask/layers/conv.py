@@ -66,10 +66,16 @@ Backends:
   per kernel offset), col2im as the same slices added back, ``@`` for the
   GEMM.
 * ``"cpu"``: Numba kernels for im2col (parallel over rows of ``cols``) and
-  col2im, and BLAS (NumPy's ``@``) for the GEMM, which is where the FLOPs
-  are. col2im is parallel over (n, c) planes of ``dx``: each iteration adds
-  the rows of ``cols`` that belong to its own plane, so no two iterations
-  write the same element.
+  col2im, and BLAS (``minimask._blas``: OpenBLAS, its threads chosen per
+  call by the multiply's size) for the GEMM, which is where the FLOPs are.
+  col2im is parallel over channels of ``dx``: each iteration adds the rows
+  of ``cols`` that belong to its own channel, so no two iterations write the
+  same element. The forward builds ``cols`` and the backward multiplies
+  ``dcols`` in blocks of columns (``BLOCK_BYTES``; a block may start and end
+  anywhere in a row of output positions): ``dcols`` lives in one reused
+  workspace and is added into ``dx`` block by block, never held whole.
+  Every Numba kernel runs serially when its work is small
+  (``minimask._threads``).
 * ``"cuda"``: one thread per element of ``cols`` for im2col; col2im a
   gather, one thread per input element summing the (at most kh * kw) column
   entries that hold it, so no atomics are needed; the GEMM is
@@ -163,7 +169,21 @@ def col2im_numpy(cols, g):
     return np.ascontiguousarray(xpad[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W])
 
 
-class _NumpyOps:
+class _Unblocked:
+    """``conv_forward`` / ``conv_input_grad`` from the table's own pieces,
+    unblocked (the NumPy reference and the CUDA backend)."""
+
+    @classmethod
+    def conv_forward(cls, x, W2, g):
+        cols = cls.im2col(x, g)                      # (C kh kw, N OH OW)
+        return cls.matmul(W2, cols), cols
+
+    @classmethod
+    def conv_input_grad(cls, W2, dout2, g):
+        return cls.col2im(cls.temp_matmul(W2, dout2, trans_a=True), g)
+
+
+class _NumpyOps(_Unblocked):
     """The operations in plain NumPy."""
 
     im2col = staticmethod(im2col_numpy)
@@ -314,6 +334,88 @@ def _bias_grad_cpu(dout, db):
         db[c] = total
 
 
+def _block_work(a, c0, b, j0, j1, *geometry):
+    """Work of a block kernel for the thread rule: its block of columns."""
+    rows = a.shape[0] if a.ndim == 2 else b.shape[0]
+    return rows * (j1 - j0)
+
+
+@parallel_kernel(work=_block_work)
+def _im2col_block_cpu(x, c0, cols, j0, j1, kh, kw, sh, sw, ph, pw, OH, OW):
+    """Columns ``j0 .. j1`` of im2col's matrix, written to ``cols[:, c0 :
+    c0 + j1 - j0]``: the same values as ``_im2col_cpu``, for any column
+    range (it may start and end in the middle of a row of output
+    positions)."""
+    N, C, H, W = x.shape
+    row0 = j0 // OW
+    row1 = (j1 - 1) // OW
+    for r in prange(C * kh * kw):
+        c = r // (kh * kw)
+        i = (r // kw) % kh
+        j = r % kw
+        q_lo, q_hi = _valid_range(j, sw, pw, W, OW)
+        for row in range(row0, row1 + 1):        # row = n * OH + p
+            n = row // OH
+            p = row % OH
+            base = row * OW - j0 + c0            # column of cols that holds q = 0
+            a = max(0, j0 - row * OW)
+            b = min(OW, j1 - row * OW)
+            h = image_index_cpu(p, i, sh, ph, H)
+            if h < 0:
+                for q in range(a, b):
+                    cols[r, base + q] = 0
+                continue
+            for q in range(a, min(b, q_lo)):
+                cols[r, base + q] = 0
+            for q in range(max(a, q_lo), min(b, q_hi)):
+                cols[r, base + q] = x[n, c, h, q * sw - pw + j]
+            for q in range(max(a, q_hi), b):
+                cols[r, base + q] = 0
+
+
+@parallel_kernel(work=_block_work)
+def _col2im_block_add_cpu(cols, c0, dx, j0, j1, kh, kw, sh, sw, ph, pw, OH, OW):
+    """Add columns ``j0 .. j1`` of a ``dcols`` matrix, held in ``cols[:, c0 :
+    c0 + j1 - j0]``, into ``dx`` (which holds the earlier blocks' sums): the
+    adjoint of ``_im2col_block_cpu``. Parallel over channels: an iteration
+    writes the planes ``dx[:, c]`` of its own channel only."""
+    N, C, H, W = dx.shape
+    row0 = j0 // OW
+    row1 = (j1 - 1) // OW
+    for c in prange(C):
+        for i in range(kh):
+            for j in range(kw):
+                r = (c * kh + i) * kw + j
+                q_lo, q_hi = _valid_range(j, sw, pw, W, OW)
+                for row in range(row0, row1 + 1):
+                    n = row // OH
+                    p = row % OH
+                    h = image_index_cpu(p, i, sh, ph, H)
+                    if h < 0:
+                        continue
+                    base = row * OW - j0 + c0
+                    a = max(q_lo, j0 - row * OW)
+                    b = min(q_hi, j1 - row * OW)
+                    for q in range(a, b):
+                        dx[n, c, h, q * sw - pw + j] += cols[r, base + q]
+
+
+# The CPU conv works on blocks of columns of at most this many bytes of cols
+# (or dcols). Measured (3x3, 256 -> 256, 64 x 64, one thread, fwd + bwd,
+# CPU ms, load 4.4): unblocked 90-92; blocks of 8 / 4 / 2 / 1 MB 95 / 97 /
+# 103 / 106. Blocks that fit in cache do not pay here: OpenBLAS packs the
+# weight matrix again for every block, and a narrow block multiplies less
+# efficiently. So blocking only bounds memory: a block is the whole matrix
+# unless that is larger than this (batch 4 at 512 px on P3: 151 MB of cols,
+# 3 blocks), and the dcols workspace is one block, reused.
+BLOCK_BYTES = 64 << 20
+
+
+def block_columns(rows, itemsize):
+    """Columns per block of a ``(rows, ...)`` cols matrix (at least 64)."""
+    return max(64, BLOCK_BYTES // (rows * itemsize))
+
+
 _WORKSPACE = {}
 
 
@@ -360,6 +462,39 @@ class _CpuOps:
         M = a.shape[1] if trans_a else a.shape[0]
         N = b.shape[0] if trans_b else b.shape[1]
         return _blas.gemm(a, b, trans_a, trans_b, out=_workspace(M * N, a.dtype).reshape(M, N))
+
+    @staticmethod
+    def conv_forward(x, W2, g):
+        """``(W2 @ im2col(x), im2col(x))`` block by block: each block of
+        columns is built and multiplied while it is in cache. cols is kept
+        whole (the weight gradient needs it)."""
+        x = np.ascontiguousarray(x)
+        rows, n_cols = g.C * g.kh * g.kw, g.N * g.OH * g.OW
+        cols = np.empty((rows, n_cols), dtype=x.dtype)
+        out2 = np.empty((W2.shape[0], n_cols), dtype=x.dtype)
+        step = block_columns(rows, x.itemsize)
+        for j0 in range(0, n_cols, step):
+            j1 = min(n_cols, j0 + step)
+            _im2col_block_cpu(x, j0, cols, j0, j1, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+                              g.OH, g.OW)
+            _blas.gemm(W2, cols[:, j0:j1], out=out2[:, j0:j1])
+        return out2, cols
+
+    @staticmethod
+    def conv_input_grad(W2, dout2, g):
+        """``col2im(W2^T @ dout2)`` block by block: each block of ``dcols``
+        is multiplied into one reused workspace and added into ``dx`` at
+        once, so the whole ``dcols`` is never held."""
+        rows, n_cols = W2.shape[1], dout2.shape[1]
+        dx = np.zeros((g.N, g.C, g.H, g.W), dtype=W2.dtype)
+        step = block_columns(rows, W2.itemsize)
+        for j0 in range(0, n_cols, step):
+            j1 = min(n_cols, j0 + step)
+            block = _workspace(rows * (j1 - j0), W2.dtype).reshape(rows, j1 - j0)
+            _blas.gemm(W2, dout2[:, j0:j1], trans_a=True, out=block)
+            _col2im_block_add_cpu(block, 0, dx, j0, j1, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+                                  g.OH, g.OW)
+        return dx
 
     @staticmethod
     def to_rows(x):
@@ -504,7 +639,7 @@ if cuda is not None:
                        np.dtype(np.float64): _make_bias_grad_cuda(_numba.float64)}
 
 
-class _CudaOps:
+class _CudaOps(_Unblocked):
     """CUDA kernels on device arrays; the GEMM from ``minimask.layers.gemm``."""
 
     @staticmethod
@@ -654,9 +789,8 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
     ops = be.op("conv.ops")
     d_x, d_w, d_b = be.asarray(x), be.asarray(w), be.asarray(b)
 
-    cols = ops.im2col(d_x, g)                        # (C kh kw, N OH OW)
     W2 = ops.weight_matrix(d_w)                      # (F, C kh kw)
-    out2 = ops.matmul(W2, cols)                      # (F, N OH OW)
+    out2, cols = ops.conv_forward(d_x, W2, g)        # W2 @ cols: (F, N OH OW)
     out = ops.from_rows(out2, d_b, N, OH, OW)        # (N, F, OH, OW) + b
     cache = (be, cols, W2, d_w, b is not None, g)
     return be.output(out, x), cache
@@ -682,8 +816,7 @@ def conv2d_backward(dout, cache):
 
     dout2 = ops.to_rows(d_dout)                              # (F, N OH OW)
     dw = ops.like_weight(ops.matmul(dout2, cols, trans_b=True), w)
-    dcols = ops.temp_matmul(W2, dout2, trans_a=True)         # (C kh kw, N OH OW)
-    dx = ops.col2im(dcols, g)
+    dx = ops.conv_input_grad(W2, dout2, g)                   # col2im(W2^T @ dout2)
     db = ops.bias_grad(d_dout) if has_bias else None
     return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
 
