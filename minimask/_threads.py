@@ -34,9 +34,16 @@ import numba
 import numpy as np
 from numba import njit
 
-# Measured on the 2-core machine (benchmarks/bench_threads.py); see the
-# chapter 5 section for the table.
-KERNEL_SERIAL_ELEMENTS = 1 << 17
+# From benchmarks/bench_threads.py on the 2-core machine, run at load 4.3
+# (the machine was shared; to be re-measured idle and with --busy 1).
+# Element-wise kernels are memory-bound: up to 1M elements of arguments
+# (4 MB in float32) two threads gained nothing there (ReLU, GroupNorm,
+# RoIAlign on 2 x 64 x 64 x 64: 1 thread 0.14 / 0.25 / 1.8 ms, 2 threads
+# 0.16 / 0.30 / 1.8 ms), and on an idle machine they could save at most a
+# fraction of those milliseconds. A multiply paid for a second thread from
+# about 4e7 FLOPs (64 x 576 x 512: 0.37 ms on 1 thread, 0.20 ms on 2) and
+# not at 1e7 (0.48 / 0.45 ms).
+KERNEL_SERIAL_ELEMENTS = 1 << 20
 GEMM_SERIAL_FLOPS = 2.0e7
 
 
