@@ -407,7 +407,10 @@ def _col2im_block_add_cpu(cols, c0, dx, j0, j1, kh, kw, sh, sw, ph, pw, OH, OW):
 # weight matrix again for every block, and a narrow block multiplies less
 # efficiently. So blocking only bounds memory: a block is the whole matrix
 # unless that is larger than this (batch 4 at 512 px on P3: 151 MB of cols,
-# 3 blocks), and the dcols workspace is one block, reused.
+# 3 blocks), and the dcols workspace is one block, reused. A single block
+# runs the whole-matrix kernels (_im2col_cpu, _col2im_cpu): the range logic
+# of the block kernels costs 50% more per element on small maps (4 x 64 x
+# 16 x 16, 3x3: 0.71 against 0.46 ms for im2col, one thread).
 BLOCK_BYTES = 64 << 20
 
 
@@ -473,6 +476,10 @@ class _CpuOps:
         cols = np.empty((rows, n_cols), dtype=x.dtype)
         out2 = np.empty((W2.shape[0], n_cols), dtype=x.dtype)
         step = block_columns(rows, x.itemsize)
+        if step >= n_cols:      # one block: the whole-matrix kernel (no range logic)
+            _im2col_cpu(x, cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW)
+            _blas.gemm(W2, cols, out=out2)
+            return out2, cols
         for j0 in range(0, n_cols, step):
             j1 = min(n_cols, j0 + step)
             _im2col_block_cpu(x, j0, cols, j0, j1, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
@@ -486,8 +493,14 @@ class _CpuOps:
         is multiplied into one reused workspace and added into ``dx`` at
         once, so the whole ``dcols`` is never held."""
         rows, n_cols = W2.shape[1], dout2.shape[1]
-        dx = np.zeros((g.N, g.C, g.H, g.W), dtype=W2.dtype)
         step = block_columns(rows, W2.itemsize)
+        if step >= n_cols:      # one block: the whole-matrix kernel
+            dcols = _workspace(rows * n_cols, W2.dtype).reshape(rows, n_cols)
+            _blas.gemm(W2, dout2, trans_a=True, out=dcols)
+            dx = np.empty((g.N, g.C, g.H, g.W), dtype=W2.dtype)
+            _col2im_cpu(dcols, dx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW)
+            return dx
+        dx = np.zeros((g.N, g.C, g.H, g.W), dtype=W2.dtype)
         for j0 in range(0, n_cols, step):
             j1 = min(n_cols, j0 + step)
             block = _workspace(rows * (j1 - j0), W2.dtype).reshape(rows, j1 - j0)
