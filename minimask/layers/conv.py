@@ -87,6 +87,7 @@ matrix, on the device on the ``"cuda"`` backend.
 """
 from __future__ import annotations
 
+import threading
 from collections import namedtuple
 
 import numpy as np
@@ -448,16 +449,18 @@ def block_columns(rows, itemsize):
     return max(64, BLOCK_BYTES // (rows * itemsize))
 
 
-_WORKSPACE = {}
+_WORKSPACE = threading.local()
 
 
 def _workspace(size, dtype):
     """A flat scratch array of at least ``size`` elements of ``dtype``, kept
-    between calls (one per dtype, grown when a larger one is asked for)."""
+    between calls (one per dtype and Python thread, grown when a larger one
+    is asked for). What it holds is valid until the next call."""
     dtype = np.dtype(dtype)
-    buf = _WORKSPACE.get(dtype)
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
     if buf is None or buf.size < size:
-        buf = _WORKSPACE[dtype] = np.empty(size, dtype=dtype)
+        buf = buffers[dtype] = np.empty(size, dtype=dtype)
     return buf[:size]
 
 
