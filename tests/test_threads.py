@@ -182,3 +182,18 @@ def test_blas_info_says_what_runs():
     info = _blas.info()
     assert info["blas"] in ("scipy-openblas", "numpy")
     assert info["why"]
+
+
+def test_minimask_blas_numpy_falls_back_to_numpys_matmul():
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy as np; from minimask import _blas; "
+            "a = np.arange(6.0).reshape(2, 3); b = np.arange(12.0).reshape(3, 4); "
+            "assert np.array_equal(_blas.gemm(a, b), a @ b); "
+            "assert np.array_equal(_blas.gemm(b, a, True, True), b.T @ a.T); "
+            "print(_blas.info()['blas'], _blas.info()['why'])")
+    env = {**os.environ, "MINIMASK_BLAS": "numpy"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "numpy MINIMASK_BLAS=numpy"
