@@ -61,8 +61,11 @@ def _load():
     if path is None:
         state["why"] = "SciPy's OpenBLAS not found"
         return state
-    with open("/proc/self/maps") as f:
-        already = os.path.basename(path) in f.read()
+    try:
+        with open("/proc/self/maps") as f:
+            already = os.path.basename(path) in f.read()
+    except OSError:                 # not Linux: assume someone may have loaded it
+        already = True
     changes = {}
     if not already and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
         changes["OPENBLAS_THREAD_TIMEOUT"] = "4"
