@@ -65,17 +65,20 @@ Backends:
 * ``"numpy"``: im2col as ``kh * kw`` strided slices of the padded input (one
   per kernel offset), col2im as the same slices added back, ``@`` for the
   GEMM.
-* ``"cpu"``: Numba kernels for im2col (parallel over rows of ``cols``) and
-  col2im, and BLAS (``minimask._blas``: OpenBLAS, its threads chosen per
-  call by the multiply's size) for the GEMM, which is where the FLOPs are.
-  col2im is parallel over channels of ``dx``: each iteration adds the rows
-  of ``cols`` that belong to its own channel, so no two iterations write the
-  same element. The forward builds ``cols`` and the backward multiplies
-  ``dcols`` in blocks of columns (``BLOCK_BYTES``; a block may start and end
-  anywhere in a row of output positions): ``dcols`` lives in one reused
-  workspace and is added into ``dx`` block by block, never held whole.
-  Every Numba kernel runs serially when its work is small
-  (``minimask._threads``).
+* ``"cpu"``: im2col by NumPy's strided copies on one thread, or a Numba
+  kernel parallel over rows of ``cols`` when the work is large
+  (``minimask._threads``); col2im a Numba kernel, parallel over (n, c)
+  planes of ``dx``: each iteration adds the rows of ``cols`` that belong to
+  its own plane, so no two iterations write the same element. BLAS
+  (``minimask._blas``: OpenBLAS, its threads chosen per call by the
+  multiply's size) for the GEMM, which is where the FLOPs are. The input
+  gradient of a stride-1 conv is computed as a conv of ``dout`` with the
+  kernel turned by 180 degrees (im2col + GEMM, no col2im;
+  ``_CpuOps.input_grad_stride1``). Matrices above ``BLOCK_BYTES`` are built
+  and multiplied in blocks of columns (a block may start and end anywhere
+  in a row of output positions; the block kernels are parallel over rows,
+  and over channels for the scatter-add); ``dcols`` lives in one reused
+  workspace.
 * ``"cuda"``: one thread per element of ``cols`` for im2col; col2im a
   gather, one thread per input element summing the (at most kh * kw) column
   entries that hold it, so no atomics are needed; the GEMM is
