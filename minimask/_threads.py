@@ -28,6 +28,7 @@ and the tests use it), no user needs to.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import numba
@@ -81,8 +82,9 @@ class ParallelKernel:
     and ``.serial`` are the two dispatchers (tests call them directly)."""
 
     def __init__(self, fn, work, options):
-        self.__name__ = fn.__name__
-        self.__doc__ = fn.__doc__
+        # __name__, __doc__, __module__, __qualname__ and __wrapped__ of the
+        # Python function: inspect.getsource(kernel) shows its source.
+        functools.update_wrapper(self, fn)
         self.py_func = fn
         self.work = work
         self.parallel = njit(parallel=True, cache=True, **options)(fn)

@@ -197,3 +197,11 @@ def test_minimask_blas_numpy_falls_back_to_numpys_matmul():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "numpy MINIMASK_BLAS=numpy"
+
+
+def test_a_parallel_kernel_shows_its_source():
+    import inspect
+    kernel = minimask.layers.activations._relu_forward_cpu
+    source = inspect.getsource(kernel)
+    assert "def _relu_forward_cpu(" in source and "prange" in source
+    assert kernel.__name__ == "_relu_forward_cpu" and kernel.__module__.endswith("activations")
