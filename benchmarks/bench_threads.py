@@ -55,6 +55,7 @@ def _layer_cases(quick):
         n = int(np.prod(shape))
 
         def make(shape=shape):
+            n = int(np.prod(shape))          # this size's, not the loop's last
             rng = np.random.default_rng(0)
             x = rng.standard_normal(shape).astype(np.float32)
             d = rng.standard_normal(shape).astype(np.float32)
