@@ -437,3 +437,20 @@ def test_im2col_block_and_col2im_block_match_the_whole(j0, j1):
             conv._col2im_block_add_cpu(np.ascontiguousarray(dcols[:, a:b]), 0, dx, a, b,
                                        3, 2, 1, 2, 1, 1, 7, 5)
     np.testing.assert_allclose(dx, conv.col2im_numpy(dcols, g), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("geometry", [
+    (2, 3, 7, 9, 3, 3, 1, 1, 1, 1), (2, 3, 9, 7, 3, 2, 2, 1, 1, 0), (1, 2, 5, 5, 3, 3, 2, 2, 2, 2),
+    (2, 2, 4, 4, 1, 1, 1, 1, 1, 1), (1, 1, 2, 2, 3, 3, 1, 1, 2, 2), (3, 4, 6, 5, 2, 3, 2, 2, 0, 1)])
+def test_numpy_strided_im2col_of_the_cpu_backend_equals_the_reference(geometry):
+    """The CPU backend's one-thread im2col (no padded copy: zeros written
+    for the strips in the padding, including windows wholly in it) gives
+    exactly the reference's columns."""
+    from minimask.layers import conv
+    N, C, H, W, kh, kw, sh, sw, ph, pw = geometry
+    g = conv.Geometry(N, C, H, W, kh, kw, sh, sw, ph, pw,
+                      (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+    x = np.random.default_rng(13).standard_normal((N, C, H, W))
+    cols = np.full((C * kh * kw, N * g.OH * g.OW), np.nan)
+    conv._im2col_strided(x, g, cols)
+    np.testing.assert_array_equal(cols, conv.im2col_numpy(x, g))
