@@ -273,5 +273,12 @@ def as_tensors(prep: dict, dtype) -> dict:
 
 def load_minimask_state(twin: nn.Module, state: dict, dtype) -> None:
     """Copy a minimask ``state_dict`` (name -> NumPy array) into the twin;
-    strict: every name must exist on both sides with the same shape."""
-    twin.load_state_dict({k: torch.from_numpy(v).to(dtype) for k, v in state.items()}, strict=True)
+    strict: every name must exist on both sides with the same shape.
+    Names in ``HOST_STATE`` are skipped: they hold host-side training state
+    (the running statistics behind the smooth-L1 beta), not the network's;
+    the twin gets the beta they give through ``prepare``."""
+    twin.load_state_dict({k: torch.from_numpy(v).to(dtype) for k, v in state.items()
+                          if k not in HOST_STATE}, strict=True)
+
+
+HOST_STATE = ("beta_stats",)

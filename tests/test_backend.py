@@ -67,10 +67,12 @@ def test_the_command_line_configures_its_process():
 
 def test_configure_process_avoids_an_openmp_runtime_started_by_someone_else():
     # libgomp loaded first (as torch does): its wait policy is fixed, so
-    # configure_process() asks Numba for the workqueue layer, which sleeps
+    # configure_process() asks Numba for the workqueue layer, which sleeps.
+    # (A ReLU large enough to run in parallel: small ones run serially and
+    # start no threads at all - minimask._threads.)
     code = ("import ctypes, numpy as np, numba; ctypes.CDLL('libgomp.so.1'); "
             "import minimask; r = minimask.configure_process(); "
-            "from minimask.layers import relu_forward; relu_forward(np.ones((1, 2, 4, 4), np.float32)); "
+            "from minimask.layers import relu_forward; relu_forward(np.ones((1, 4, 512, 512), np.float32)); "
             "print(r['omp_already_started'], r['numba_threading_layer'], numba.threading_layer())")
     assert _run_python(code) == "True workqueue workqueue"
     # the user's choice wins
@@ -78,7 +80,7 @@ def test_configure_process_avoids_an_openmp_runtime_started_by_someone_else():
         ["True", "None", "omp"]
     # nothing loaded before: OpenMP with passive waiting, Numba's own choice
     code = ("import numpy as np, numba, minimask; r = minimask.configure_process(); "
-            "from minimask.layers import relu_forward; relu_forward(np.ones((1, 2, 4, 4), np.float32)); "
+            "from minimask.layers import relu_forward; relu_forward(np.ones((1, 4, 512, 512), np.float32)); "
             "print(r['omp_already_started'], r['numba_threading_layer'], numba.threading_layer())")
     assert _run_python(code) == "False None omp"
 

@@ -370,3 +370,87 @@ def test_device_inputs_give_device_outputs():
     for name, got, ref in zip(["out", "dx", "dw", "db"], (out,) + grads, (out_ref,) + grads_ref):
         assert is_device_array(got), name
         np.testing.assert_allclose(got.copy_to_host(), ref, rtol=RTOL32, atol=ATOL32, err_msg=name)
+
+
+# --------------------------------------------------------------------------
+# The blocked CPU path (conv.BLOCK_BYTES): blocks of columns of cols
+# --------------------------------------------------------------------------
+
+BLOCK_CASES = [
+    # (x shape, w shape, stride, padding): odd sizes, stride 2, padding,
+    # 1x1, kernels wider than tall
+    ((2, 3, 7, 9), (4, 3, 3, 3), 1, 1),
+    ((4, 3, 17, 15), (5, 3, 3, 3), 2, 1),
+    ((2, 4, 9, 8), (3, 4, 1, 1), 1, 0),
+    ((3, 2, 9, 11), (2, 2, 2, 3), (2, 1), (0, 1)),
+    ((3, 2, 15, 13), (2, 2, 3, 3), 2, 0),
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+@pytest.mark.parametrize("columns", [64, 65, 100])
+def test_blocked_cpu_conv_agrees_with_numpy(monkeypatch, case, columns):
+    """Blocks of 64, 65 or 100 columns: boundaries in the middle of a row of
+    output positions and between images, a short last block. float64; the
+    only change from the reference is the order in which dx adds the
+    blocks' contributions, so 1e-13 relative to the largest value."""
+    from minimask.layers import conv
+    x_shape, w_shape, stride, padding = case
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    with minimask.using_backend("numpy"):
+        out, cache = conv2d_forward(x, w, b, stride, padding)
+        dout = rng.standard_normal(out.shape)
+        ref = (out, *conv2d_backward(dout, cache))
+    rows = w_shape[1] * w_shape[2] * w_shape[3]
+    monkeypatch.setattr(conv, "BLOCK_BYTES", columns * rows * 8)
+    assert conv.block_columns(rows, 8) == columns
+    n_cols = out.shape[0] * out.shape[2] * out.shape[3]
+    assert n_cols > columns            # really more than one block
+    with minimask.using_backend("cpu"):
+        out, cache = conv2d_forward(x, w, b, stride, padding)
+        got = (out, *conv2d_backward(dout, cache))
+    for name, g, r in zip(["out", "dx", "dw", "db"], got, ref):
+        assert np.abs(g - r).max() <= 1e-13 * np.abs(r).max(), (name, case, columns)
+
+
+@pytest.mark.parametrize("j0, j1", [(0, 70), (5, 70), (13, 14), (36, 41), (61, 67), (67, 70)])
+def test_im2col_block_and_col2im_block_match_the_whole(j0, j1):
+    """Any column range of the block kernels equals that range of the whole
+    im2col; col2im of the blocks, added up, equals col2im of the whole."""
+    from minimask.layers import conv
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 3, 7, 9))
+    g = conv.Geometry(2, 3, 7, 9, 3, 2, 1, 2, 1, 1, 7, 5)  # OW = (9 + 2 - 2) // 2 + 1
+    whole = conv.im2col_numpy(x, g)
+    assert whole.shape == (18, 70)
+    block = np.full((18, j1 - j0 + 2), np.nan)
+    conv._im2col_block_cpu(x, 2, block, j0, j1, 3, 2, 1, 2, 1, 1, 7, 5)
+    np.testing.assert_array_equal(block[:, 2:], whole[:, j0:j1])
+    assert np.isnan(block[:, :2]).all()
+    dcols = rng.standard_normal(whole.shape)
+    dx = np.zeros(x.shape)
+    for a, b in ((0, j0), (j0, j1), (j1, whole.shape[1])):
+        if b > a:
+            conv._col2im_block_add_cpu(np.ascontiguousarray(dcols[:, a:b]), 0, dx, a, b,
+                                       3, 2, 1, 2, 1, 1, 7, 5)
+    np.testing.assert_allclose(dx, conv.col2im_numpy(dcols, g), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("geometry", [
+    (2, 3, 7, 9, 3, 3, 1, 1, 1, 1), (2, 3, 9, 7, 3, 2, 2, 1, 1, 0), (1, 2, 5, 5, 3, 3, 2, 2, 2, 2),
+    (2, 2, 4, 4, 1, 1, 1, 1, 1, 1), (1, 1, 2, 2, 3, 3, 1, 1, 2, 2), (3, 4, 6, 5, 2, 3, 2, 2, 0, 1)])
+def test_numpy_strided_im2col_of_the_cpu_backend_equals_the_reference(geometry):
+    """The CPU backend's one-thread im2col (no padded copy: zeros written
+    for the strips in the padding, including windows wholly in it) gives
+    exactly the reference's columns."""
+    from minimask.layers import conv
+    N, C, H, W, kh, kw, sh, sw, ph, pw = geometry
+    g = conv.Geometry(N, C, H, W, kh, kw, sh, sw, ph, pw,
+                      (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+    x = np.random.default_rng(13).standard_normal((N, C, H, W))
+    cols = np.full((C * kh * kw, N * g.OH * g.OW), np.nan)
+    conv._im2col_strided(x, g, cols)
+    np.testing.assert_array_equal(cols, conv.im2col_numpy(x, g))

@@ -23,11 +23,12 @@ backend in the cache so that the backward runs where the forward did.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, check_same_shape
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def _sigmoid_scalar(x):
 sigmoid_scalar_cpu, sigmoid_scalar_cuda = _cuda.compile_for_both(_sigmoid_scalar)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _relu_forward_cpu(x, out):
     for i in prange(x.size):
         # written so that NaN passes through, as np.maximum does: a NaN that
@@ -76,19 +77,19 @@ def _relu_forward_cpu(x, out):
         out[i] = 0 if x[i] <= 0 else x[i]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _relu_backward_cpu(dout, x, dx):
     for i in prange(x.size):
         dx[i] = dout[i] if x[i] > 0 else 0
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _sigmoid_forward_cpu(x, out):
     for i in prange(x.size):
         out[i] = sigmoid_scalar_cpu(x[i])
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _sigmoid_backward_cpu(dout, y, dx):
     for i in prange(y.size):
         dx[i] = dout[i] * y[i] * (1 - y[i])

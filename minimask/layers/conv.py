@@ -65,11 +65,20 @@ Backends:
 * ``"numpy"``: im2col as ``kh * kw`` strided slices of the padded input (one
   per kernel offset), col2im as the same slices added back, ``@`` for the
   GEMM.
-* ``"cpu"``: Numba kernels for im2col (parallel over rows of ``cols``) and
-  col2im, and BLAS (NumPy's ``@``) for the GEMM, which is where the FLOPs
-  are. col2im is parallel over (n, c) planes of ``dx``: each iteration adds
-  the rows of ``cols`` that belong to its own plane, so no two iterations
-  write the same element.
+* ``"cpu"``: im2col by NumPy's strided copies on one thread, or a Numba
+  kernel parallel over rows of ``cols`` when the work is large
+  (``minimask._threads``); col2im a Numba kernel, parallel over (n, c)
+  planes of ``dx``: each iteration adds the rows of ``cols`` that belong to
+  its own plane, so no two iterations write the same element. BLAS
+  (``minimask._blas``: OpenBLAS, its threads chosen per call by the
+  multiply's size) for the GEMM, which is where the FLOPs are. The input
+  gradient of a stride-1 conv is computed as a conv of ``dout`` with the
+  kernel turned by 180 degrees (im2col + GEMM, no col2im;
+  ``_CpuOps.input_grad_stride1``). Matrices above ``BLOCK_BYTES`` are built
+  and multiplied in blocks of columns (a block may start and end anywhere
+  in a row of output positions; the block kernels are parallel over rows,
+  and over channels for the scatter-add); ``dcols`` lives in one reused
+  workspace.
 * ``"cuda"``: one thread per element of ``cols`` for im2col; col2im a
   gather, one thread per input element summing the (at most kh * kw) column
   entries that hold it, so no atomics are needed; the GEMM is
@@ -81,15 +90,17 @@ matrix, on the device on the ``"cuda"`` backend.
 """
 from __future__ import annotations
 
+import threading
 from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange
 
-from minimask import _cuda
+from minimask import _blas, _cuda, _threads
 from minimask._checks import (check_float_array, check_nonnegative_int, check_positive_int,
                               check_same_dtype, is_device_array, pair)
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda, nchw_of_cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # The geometry of one convolution: an "image" (N, C, H, W), read through a
@@ -162,7 +173,21 @@ def col2im_numpy(cols, g):
     return np.ascontiguousarray(xpad[:, :, g.ph:g.ph + g.H, g.pw:g.pw + g.W])
 
 
-class _NumpyOps:
+class _Unblocked:
+    """``conv_forward`` / ``conv_input_grad`` from the table's own pieces,
+    unblocked (the NumPy reference and the CUDA backend)."""
+
+    @classmethod
+    def conv_forward(cls, x, W2, g):
+        cols = cls.im2col(x, g)                      # (C kh kw, N OH OW)
+        return cls.matmul(W2, cols), cols
+
+    @classmethod
+    def conv_input_grad(cls, W2, dout2, g):
+        return cls.col2im(cls.temp_matmul(W2, dout2, trans_a=True), g)
+
+
+class _NumpyOps(_Unblocked):
     """The operations in plain NumPy."""
 
     im2col = staticmethod(im2col_numpy)
@@ -171,6 +196,8 @@ class _NumpyOps:
     @staticmethod
     def matmul(a, b, trans_a=False, trans_b=False):
         return (a.T if trans_a else a) @ (b.T if trans_b else b)
+
+    temp_matmul = matmul
 
     @staticmethod
     def to_rows(x):
@@ -220,7 +247,7 @@ def _valid_range(k, stride, pad, size, n_grid):
     return lo, max(lo, hi)
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _im2col_cpu(x, cols, kh, kw, sh, sw, ph, pw, OH, OW):
     N, C, H, W = x.shape
     L = OH * OW
@@ -246,7 +273,7 @@ def _im2col_cpu(x, cols, kh, kw, sh, sw, ph, pw, OH, OW):
                     cols[r, base + q] = 0
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _col2im_cpu(cols, dx, kh, kw, sh, sw, ph, pw, OH, OW):
     N, C, H, W = dx.shape
     L = OH * OW
@@ -271,7 +298,7 @@ def _col2im_cpu(cols, dx, kh, kw, sh, sw, ph, pw, OH, OW):
                         dx[n, c, h, q * sw - pw + j] += cols[r, base + q]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _to_rows_cpu(x, out):
     N, C, L = x.shape
     for c in prange(C):
@@ -280,7 +307,7 @@ def _to_rows_cpu(x, out):
                 out[c, n * L + l] = x[n, c, l]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _from_rows_cpu(y2, b, has_bias, out):
     N, C, L = out.shape
     for nc in prange(N * C):
@@ -291,7 +318,7 @@ def _from_rows_cpu(y2, b, has_bias, out):
             out[n, c, l] = y2[c, n * L + l] + shift
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _add_bias_cpu(out, b):
     N, C, L = out.shape
     for nc in prange(N * C):
@@ -300,7 +327,7 @@ def _add_bias_cpu(out, b):
             out[nc // C, c, l] += b[c]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _bias_grad_cpu(dout, db):
     N, C, L = dout.shape
     for c in prange(C):
@@ -311,14 +338,156 @@ def _bias_grad_cpu(dout, db):
         db[c] = total
 
 
+def _block_work(a, c0, b, j0, j1, *geometry):
+    """Work of a block kernel for the thread rule: its block of columns."""
+    rows = a.shape[0] if a.ndim == 2 else b.shape[0]
+    return rows * (j1 - j0)
+
+
+@parallel_kernel(work=_block_work)
+def _im2col_block_cpu(x, c0, cols, j0, j1, kh, kw, sh, sw, ph, pw, OH, OW):
+    """Columns ``j0 .. j1`` of im2col's matrix, written to ``cols[:, c0 :
+    c0 + j1 - j0]``: the same values as ``_im2col_cpu``, for any column
+    range (it may start and end in the middle of a row of output
+    positions)."""
+    N, C, H, W = x.shape
+    row0 = j0 // OW
+    row1 = (j1 - 1) // OW
+    for r in prange(C * kh * kw):
+        c = r // (kh * kw)
+        i = (r // kw) % kh
+        j = r % kw
+        q_lo, q_hi = _valid_range(j, sw, pw, W, OW)
+        for row in range(row0, row1 + 1):        # row = n * OH + p
+            n = row // OH
+            p = row % OH
+            base = row * OW - j0 + c0            # column of cols that holds q = 0
+            a = max(0, j0 - row * OW)
+            b = min(OW, j1 - row * OW)
+            h = image_index_cpu(p, i, sh, ph, H)
+            if h < 0:
+                for q in range(a, b):
+                    cols[r, base + q] = 0
+                continue
+            for q in range(a, min(b, q_lo)):
+                cols[r, base + q] = 0
+            for q in range(max(a, q_lo), min(b, q_hi)):
+                cols[r, base + q] = x[n, c, h, q * sw - pw + j]
+            for q in range(max(a, q_hi), b):
+                cols[r, base + q] = 0
+
+
+@parallel_kernel(work=_block_work)
+def _col2im_block_add_cpu(cols, c0, dx, j0, j1, kh, kw, sh, sw, ph, pw, OH, OW):
+    """Add columns ``j0 .. j1`` of a ``dcols`` matrix, held in ``cols[:, c0 :
+    c0 + j1 - j0]``, into ``dx`` (which holds the earlier blocks' sums): the
+    adjoint of ``_im2col_block_cpu``. Parallel over channels: an iteration
+    writes the planes ``dx[:, c]`` of its own channel only."""
+    N, C, H, W = dx.shape
+    row0 = j0 // OW
+    row1 = (j1 - 1) // OW
+    for c in prange(C):
+        for i in range(kh):
+            for j in range(kw):
+                r = (c * kh + i) * kw + j
+                q_lo, q_hi = _valid_range(j, sw, pw, W, OW)
+                for row in range(row0, row1 + 1):
+                    n = row // OH
+                    p = row % OH
+                    h = image_index_cpu(p, i, sh, ph, H)
+                    if h < 0:
+                        continue
+                    base = row * OW - j0 + c0
+                    a = max(q_lo, j0 - row * OW)
+                    b = min(q_hi, j1 - row * OW)
+                    for q in range(a, b):
+                        dx[n, c, h, q * sw - pw + j] += cols[r, base + q]
+
+
+def _valid_range_py(k, stride, pad, size, n_grid):
+    """``_valid_range`` in Python (for the NumPy im2col below)."""
+    lo = max(0, -((k - pad) // stride))
+    hi = min(n_grid, (size - 1 + pad - k) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def _im2col_strided(x, g, cols):
+    """im2col on one thread with NumPy's strided copies, into ``cols``: per
+    kernel offset (i, j), one copy of the window positions whose pixel lies
+    inside the image and zeros for the strips that fall in the padding (no
+    padded copy of x). The inner loops run in NumPy's C code: 2.4-3x faster
+    than the Numba kernel on one thread (4 x 64 x 16 x 16, 3x3: 0.16 against
+    0.45 ms; 1 x 256 x 64 x 64: 2.4 against 5.3 ms). The same values."""
+    c6 = cols.reshape(g.C, g.kh, g.kw, g.N, g.OH, g.OW)
+    xt = x.transpose(1, 0, 2, 3)                                 # (C, N, H, W)
+    for i in range(g.kh):
+        p_lo, p_hi = _valid_range_py(i, g.sh, g.ph, g.H, g.OH)
+        for j in range(g.kw):
+            q_lo, q_hi = _valid_range_py(j, g.sw, g.pw, g.W, g.OW)
+            dst = c6[:, i, j]                                    # (C, N, OH, OW)
+            if p_lo == p_hi or q_lo == q_hi:                     # all in the padding
+                dst[...] = 0
+                continue
+            dst[:, :, :p_lo] = 0
+            dst[:, :, p_hi:] = 0
+            dst[:, :, p_lo:p_hi, :q_lo] = 0
+            dst[:, :, p_lo:p_hi, q_hi:] = 0
+            h0 = p_lo * g.sh - g.ph + i
+            v0 = q_lo * g.sw - g.pw + j
+            dst[:, :, p_lo:p_hi, q_lo:q_hi] = xt[:, :, h0:h0 + g.sh * (p_hi - p_lo - 1) + 1:g.sh,
+                                                 v0:v0 + g.sw * (q_hi - q_lo - 1) + 1:g.sw]
+
+
+def _im2col_whole(x, g, cols):
+    """The whole im2col into ``cols``: the parallel Numba kernel when the
+    thread rule says parallel, else NumPy's strided copies on one thread."""
+    if _threads.use_parallel(x.size + cols.size):
+        _im2col_cpu.parallel(x, cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW)
+    else:
+        _im2col_strided(x, g, cols)
+
+
+# The CPU conv works on blocks of columns of at most this many bytes of cols
+# (or dcols). Measured (3x3, 256 -> 256, 64 x 64, one thread, fwd + bwd,
+# CPU ms, load 4.4): unblocked 90-92; blocks of 8 / 4 / 2 / 1 MB 95 / 97 /
+# 103 / 106. Blocks that fit in cache do not pay here: OpenBLAS packs the
+# weight matrix again for every block, and a narrow block multiplies less
+# efficiently. So blocking only bounds memory: a block is the whole matrix
+# unless that is larger than this (batch 4 at 512 px on P3: 151 MB of cols,
+# 3 blocks), and the dcols workspace is one block, reused. A single block
+# runs the whole-matrix kernels (_im2col_cpu, _col2im_cpu): the range logic
+# of the block kernels costs 50% more per element on small maps (4 x 64 x
+# 16 x 16, 3x3: 0.71 against 0.46 ms for im2col, one thread).
+BLOCK_BYTES = 64 << 20
+
+
+def block_columns(rows, itemsize):
+    """Columns per block of a ``(rows, ...)`` cols matrix (at least 64)."""
+    return max(64, BLOCK_BYTES // (rows * itemsize))
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(size, dtype):
+    """A flat scratch array of at least ``size`` elements of ``dtype``, kept
+    between calls (one per dtype and Python thread, grown when a larger one
+    is asked for). What it holds is valid until the next call."""
+    dtype = np.dtype(dtype)
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.size < size:
+        buf = buffers[dtype] = np.empty(size, dtype=dtype)
+    return buf[:size]
+
+
 class _CpuOps:
     """Numba kernels for the data movement, BLAS for the multiply."""
 
     @staticmethod
     def im2col(x, g):
         cols = np.empty((g.C * g.kh * g.kw, g.N * g.OH * g.OW), dtype=x.dtype)
-        _im2col_cpu(np.ascontiguousarray(x), cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
-                    g.OH, g.OW)
+        _im2col_whole(np.ascontiguousarray(x), g, cols)
         return cols
 
     @staticmethod
@@ -328,7 +497,90 @@ class _CpuOps:
                     g.OH, g.OW)
         return dx
 
-    matmul = _NumpyOps.matmul   # NumPy's @ calls BLAS, transposes included
+    @staticmethod
+    def matmul(a, b, trans_a=False, trans_b=False):
+        # minimask's BLAS call: its kernels and its threads by work size
+        # (minimask._blas); transposes are flags, not copies.
+        return _blas.gemm(a, b, trans_a, trans_b)
+
+    @staticmethod
+    def temp_matmul(a, b, trans_a=False, trans_b=False):
+        """``matmul`` into a workspace that the next ``temp_matmul`` call
+        overwrites: for a product that is used once, at once (``dcols``,
+        consumed by ``col2im``). The largest of these is 38 MB (3x3,
+        256 -> 256 at 64 x 64); a fresh one every backward pass is fresh
+        pages from the kernel, each faulted in and zeroed."""
+        M = a.shape[1] if trans_a else a.shape[0]
+        N = b.shape[0] if trans_b else b.shape[1]
+        return _blas.gemm(a, b, trans_a, trans_b, out=_workspace(M * N, a.dtype).reshape(M, N))
+
+    @staticmethod
+    def conv_forward(x, W2, g):
+        """``(W2 @ im2col(x), im2col(x))`` block by block: each block of
+        columns is built and multiplied while it is in cache. cols is kept
+        whole (the weight gradient needs it)."""
+        x = np.ascontiguousarray(x)
+        rows, n_cols = g.C * g.kh * g.kw, g.N * g.OH * g.OW
+        cols = np.empty((rows, n_cols), dtype=x.dtype)
+        out2 = np.empty((W2.shape[0], n_cols), dtype=x.dtype)
+        step = block_columns(rows, x.itemsize)
+        if step >= n_cols:      # one block: the whole-matrix kernel (no range logic)
+            _im2col_whole(x, g, cols)
+            _blas.gemm(W2, cols, out=out2)
+            return out2, cols
+        for j0 in range(0, n_cols, step):
+            j1 = min(n_cols, j0 + step)
+            _im2col_block_cpu(x, j0, cols, j0, j1, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+                              g.OH, g.OW)
+            _blas.gemm(W2, cols[:, j0:j1], out=out2[:, j0:j1])
+        return out2, cols
+
+    @staticmethod
+    def input_grad_stride1(W2, dout2, g):
+        """dx of a stride-1 conv as a convolution of dout, without col2im:
+
+            dx[n, c, h, v] = sum_{f, i, j} w[f, c, kh-1-i, kw-1-j] * doutpad[n, f, h + i, v + j]
+
+        with dout padded by ``kh - 1 - ph`` (``kw - 1 - pw``), i.e. conv2d
+        of dout with the kernel turned by 180 degrees and input and output
+        channels swapped. It needs im2col (NumPy's strided copies) where the
+        adjoint form needs col2im (a Numba scatter-add, 2-3x slower on one
+        thread); the multiply has the same FLOPs. The same sums in another
+        order: float round-off apart, the values of col2im(W2^T @ dout2)."""
+        F = W2.shape[0]
+        N, C, kh, kw = g.N, g.C, g.kh, g.kw
+        w_rot = np.ascontiguousarray(
+            W2.reshape(F, C, kh, kw)[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(C, -1)
+        gd = Geometry(N, F, g.OH, g.OW, kh, kw, 1, 1, kh - 1 - g.ph, kw - 1 - g.pw, g.H, g.W)
+        dout = dout2.reshape(F, N, g.OH, g.OW).transpose(1, 0, 2, 3)
+        rows = F * kh * kw
+        cols = _workspace(rows * N * g.H * g.W, W2.dtype).reshape(rows, N * g.H * g.W)
+        _im2col_whole(dout, gd, cols)
+        return _CpuOps.from_rows(_blas.gemm(w_rot, cols), None, N, g.H, g.W)
+
+    @staticmethod
+    def conv_input_grad(W2, dout2, g):
+        """``col2im(W2^T @ dout2)`` block by block: each block of ``dcols``
+        is multiplied into one reused workspace and added into ``dx`` at
+        once, so the whole ``dcols`` is never held."""
+        rows, n_cols = W2.shape[1], dout2.shape[1]
+        step = block_columns(rows, W2.itemsize)
+        if step >= n_cols and g.sh == g.sw == 1 and g.ph < g.kh and g.pw < g.kw:
+            return _CpuOps.input_grad_stride1(W2, dout2, g)
+        if step >= n_cols:      # one block: the whole-matrix kernel
+            dcols = _workspace(rows * n_cols, W2.dtype).reshape(rows, n_cols)
+            _blas.gemm(W2, dout2, trans_a=True, out=dcols)
+            dx = np.empty((g.N, g.C, g.H, g.W), dtype=W2.dtype)
+            _col2im_cpu(dcols, dx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW)
+            return dx
+        dx = np.zeros((g.N, g.C, g.H, g.W), dtype=W2.dtype)
+        for j0 in range(0, n_cols, step):
+            j1 = min(n_cols, j0 + step)
+            block = _workspace(rows * (j1 - j0), W2.dtype).reshape(rows, j1 - j0)
+            _blas.gemm(W2, dout2[:, j0:j1], trans_a=True, out=block)
+            _col2im_block_add_cpu(block, 0, dx, j0, j1, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+                                  g.OH, g.OW)
+        return dx
 
     @staticmethod
     def to_rows(x):
@@ -473,7 +725,7 @@ if cuda is not None:
                        np.dtype(np.float64): _make_bias_grad_cuda(_numba.float64)}
 
 
-class _CudaOps:
+class _CudaOps(_Unblocked):
     """CUDA kernels on device arrays; the GEMM from ``minimask.layers.gemm``."""
 
     @staticmethod
@@ -494,6 +746,8 @@ class _CudaOps:
     def matmul(a, b, trans_a=False, trans_b=False):
         from minimask.layers.gemm import gemm_device
         return gemm_device(a, b, trans_a, trans_b)
+
+    temp_matmul = matmul
 
     @staticmethod
     def to_rows(x):
@@ -621,9 +875,8 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
     ops = be.op("conv.ops")
     d_x, d_w, d_b = be.asarray(x), be.asarray(w), be.asarray(b)
 
-    cols = ops.im2col(d_x, g)                        # (C kh kw, N OH OW)
     W2 = ops.weight_matrix(d_w)                      # (F, C kh kw)
-    out2 = ops.matmul(W2, cols)                      # (F, N OH OW)
+    out2, cols = ops.conv_forward(d_x, W2, g)        # W2 @ cols: (F, N OH OW)
     out = ops.from_rows(out2, d_b, N, OH, OW)        # (N, F, OH, OW) + b
     cache = (be, cols, W2, d_w, b is not None, g)
     return be.output(out, x), cache
@@ -649,8 +902,7 @@ def conv2d_backward(dout, cache):
 
     dout2 = ops.to_rows(d_dout)                              # (F, N OH OW)
     dw = ops.like_weight(ops.matmul(dout2, cols, trans_b=True), w)
-    dcols = ops.matmul(W2, dout2, trans_a=True)              # (C kh kw, N OH OW)
-    dx = ops.col2im(dcols, g)
+    dx = ops.conv_input_grad(W2, dout2, g)                   # col2im(W2^T @ dout2)
     db = ops.bias_grad(d_dout) if has_bias else None
     return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
 
@@ -695,7 +947,7 @@ def conv_transpose2d_forward(x, w, b, stride=2, padding=0):
 
     x2 = ops.to_rows(d_x)                            # (C_in, N H W)
     W2 = ops.weight_matrix(d_w)                      # (C_in, C_out kh kw)
-    cols = ops.matmul(W2, x2, trans_a=True)          # (C_out kh kw, N H W)
+    cols = ops.temp_matmul(W2, x2, trans_a=True)     # (C_out kh kw, N H W)
     out = ops.col2im(cols, g)                        # (N, C_out, H_out, W_out)
     if b is not None:
         ops.add_bias(out, d_b)

@@ -77,11 +77,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import float64, njit, prange
+from numba import float64, prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, check_same_shape, is_device_array
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -188,7 +189,7 @@ focal_terms_cpu, focal_terms_cuda = _cuda.compile_for_both(_focal_terms)
 # --------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _focal_forward_cpu(x, t, w, has_weights, alpha, gamma, loss, grad):
     """Fill ``loss`` and ``grad`` (the local derivative) and return the float64
     sum of ``loss``. ``total`` is a prange reduction variable, not a shared
@@ -206,13 +207,13 @@ def _focal_forward_cpu(x, t, w, has_weights, alpha, gamma, loss, grad):
     return total
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _scale_cpu(grad, scale, out):
     for i in prange(grad.size):
         out[i] = grad[i] * scale
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _multiply_cpu(grad, dout, out):
     for i in prange(grad.size):
         out[i] = grad[i] * dout[i]

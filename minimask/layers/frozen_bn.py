@@ -34,10 +34,11 @@ Backward (to the input only)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minimask._checks import check_float_array
 from minimask._cuda import cuda, launch_config
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def frozen_bn_backward_numpy(dout, scale):
 # --------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _frozen_bn_forward_cpu(x, scale, shift, out):
     """x, out are (N, C, HW)."""
     N, C, HW = x.shape
@@ -77,7 +78,7 @@ def _frozen_bn_forward_cpu(x, scale, shift, out):
             out[n, c, k] = x[n, c, k] * s + t
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _frozen_bn_backward_cpu(dout, scale, dx):
     N, C, HW = dout.shape
     for p in prange(N * C):

@@ -69,11 +69,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, check_positive_int, check_same_dtype, check_same_shape
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def group_norm_backward_numpy(dout, x, gamma, mean, rstd, num_groups):
 _REASSOC = {"reassoc", "contract"}
 
 
-@njit(parallel=True, cache=True, fastmath=_REASSOC)
+@parallel_kernel(fastmath=_REASSOC)
 def _gn_forward_cpu(x, gamma, beta, G, Cg, HW, eps, out, mean, rstd):
     NG, M = x.shape
     for ng in prange(NG):
@@ -148,7 +149,7 @@ def _gn_forward_cpu(x, gamma, beta, G, Cg, HW, eps, out, mean, rstd):
                 out[ng, i] = x[ng, i] * scale + shift
 
 
-@njit(parallel=True, cache=True, fastmath=_REASSOC)
+@parallel_kernel(fastmath=_REASSOC)
 def _gn_backward_cpu(dout, x, gamma, mean, rstd, G, Cg, HW, dx, sum_dout, sum_dout_xhat):
     """``sum_dout`` and ``sum_dout_xhat`` are (N, C) per-plane sums S and T;
     iteration (n, g) writes only the Cg planes of its own group."""

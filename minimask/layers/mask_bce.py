@@ -47,11 +47,12 @@ Fast paths
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, is_device_array
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 from minimask.layers.activations import sigmoid_numpy
 from minimask.layers.focal_loss import (bce_terms_cpu, bce_terms_cuda, bce_with_logits_numpy,
@@ -88,7 +89,7 @@ def mask_bce_grad_numpy(dout, mask_logits, labels, targets):
 # --------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _mask_bce_forward_cpu(x, labels, y, K, mm, grad):
     """``x`` is the flat (R*K*m*m) logits, ``y`` and ``grad`` flat (R*m*m).
     Returns the float64 sum of the BCE terms (``total`` is a prange reduction
@@ -104,7 +105,7 @@ def _mask_bce_forward_cpu(x, labels, y, K, mm, grad):
     return total
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _mask_bce_backward_cpu(grad, labels, K, mm, scale, dx):
     """One iteration per output element of the flat (R*K*m*m) ``dx``."""
     for e in prange(dx.size):

@@ -45,11 +45,12 @@ The fast paths
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, check_nonnegative_int, check_same_shape, pair
 from minimask._cuda import cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 
@@ -125,7 +126,7 @@ window_argmax_cpu, window_argmax_cuda = _cuda.compile_for_both(_window_argmax)
 # --------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _max_pool_forward_cpu(x, H, W, kh, kw, sh, sw, ph, pw, out, argmax):
     """x is (planes, H * W); out and argmax are (planes, Ho, Wo)."""
     planes, Ho, Wo = out.shape
@@ -137,7 +138,7 @@ def _max_pool_forward_cpu(x, H, W, kh, kw, sh, sw, ph, pw, out, argmax):
                 out[p, i, j] = x[p, a]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _max_pool_backward_cpu(dout, argmax, dx):
     """dout and argmax are (planes, Ho, Wo); dx is (planes, H * W), zeroed.
     Iteration p writes only row p of dx: no two iterations collide."""

@@ -94,6 +94,7 @@ from numba import njit, prange
 from minimask import _cuda
 from minimask._checks import check_float_array, pair
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 MODES = ("avg", "max")
@@ -339,7 +340,7 @@ def _tables_cpu(boxes, H, W, ph, pw, spatial_scale, sampling_ratio, aligned,
                 x_w[r, j, ix, 1] = w_hi
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _forward_avg_cpu(fh, batch_index, grids, y_idx, y_w, x_idx, x_w, out):
     """fh is the channels-last copy (N, H, W, C): the four neighbours of a
     sample are four contiguous rows of C values, so the innermost loop runs
@@ -381,7 +382,7 @@ def _forward_avg_cpu(fh, batch_index, grids, y_idx, y_w, x_idx, x_w, out):
                 out[r, c, i, j] = acc[j, c] / count
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _forward_max_cpu(fh, batch_index, grids, y_idx, y_w, x_idx, x_w, out, argmax):
     """Channels-last like the avg kernel, one parallel iteration per (RoI,
     bin row). Samples are evaluated in float64 with the same products in the
@@ -429,7 +430,7 @@ def _forward_max_cpu(fh, batch_index, grids, y_idx, y_w, x_idx, x_w, out, argmax
                 argmax[r, c, i, j] = s
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _backward_avg_cpu(dout, batch_index, grids, y_idx, y_w, x_idx, x_w, dfh, block):
     """Scatter into the channels-last gradient dfh (N, H, W, C). Parallel
     iteration (n, b) owns image n and channels [b * block, (b + 1) * block):
@@ -483,7 +484,7 @@ def _backward_avg_cpu(dout, batch_index, grids, y_idx, y_w, x_idx, x_w, dfh, blo
                                 d[cc] += w * g[cc]
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _backward_max_cpu(dout, argmax, batch_index, grids, y_idx, y_w, x_idx, x_w, dfeatures):
     N, C, H, W = dfeatures.shape
     R, _, ph, pw = dout.shape

@@ -31,11 +31,12 @@ Backward
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 from minimask.layers.focal_loss import (LossCache, block_sum_into, check_reduction,
                                         finish_reduction, host_as, loss_backward,
@@ -89,7 +90,7 @@ smooth_l1_terms_cpu, smooth_l1_terms_cuda = _cuda.compile_for_both(_smooth_l1_te
 # --------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _smooth_l1_forward_cpu(pred, target, w, has_weights, beta, loss, grad):
     total = 0.0  # a prange reduction variable
     for i in prange(pred.size):

@@ -25,11 +25,12 @@ Backward
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from minimask import _cuda
 from minimask._checks import check_float_array, pair
 from minimask._cuda import cuda
+from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
 
 # --------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def upsample_nearest2d_backward_numpy(dout, sh, sw):
 # --------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _upsample_forward_cpu(x, sh, sw, out):
     """x is (planes, H, W); out is (planes, H * sh, W * sw)."""
     planes, H, W = x.shape
@@ -67,7 +68,7 @@ def _upsample_forward_cpu(x, sh, sw, out):
                     out[p, r * sh + a, s * sw + b] = v
 
 
-@njit(parallel=True, cache=True)
+@parallel_kernel
 def _upsample_backward_cpu(dout, sh, sw, dx):
     """dx is (planes, H, W); each element sums its own sh x sw block."""
     planes, H, W = dx.shape

@@ -1,0 +1,120 @@
+"""Threads that never hurt: a kernel runs in parallel only when its work is
+large enough to pay for it.
+
+A parallel loop costs something before it does any work: waking the other
+threads, handing out the iterations, waiting at the end for the slowest
+thread. On an idle machine that is a few microseconds; with another process
+busy on the same cores a woken thread may wait for the scheduler before it
+runs, and the whole loop waits with it. A kernel whose work takes less
+than that is faster on one thread, and a model step is made of many such
+kernels (the tiny preset's maps at 8 x 8 to 64 x 64, batch 2-4).
+
+So every parallel kernel of the ``"cpu"`` backend is compiled twice, with
+``parallel=True`` and without (``prange`` is then an ordinary ``range``: the
+same loop body, the same arithmetic in the same order per element), and each
+call picks one by the size of its work:
+
+* Numba kernels (``parallel_kernel``): the work is the number of elements of
+  the array arguments (inputs and outputs) unless the kernel gives its own
+  measure; below ``KERNEL_SERIAL_ELEMENTS`` the serial version runs.
+* BLAS multiplies (``gemm_threads``): the work is ``2 M N K`` FLOPs; below
+  ``GEMM_SERIAL_FLOPS`` one OpenBLAS thread, else Numba's thread count.
+
+With one thread (``numba.set_num_threads(1)``, ``NUMBA_NUM_THREADS=1``) the
+serial versions always run. The thresholds were measured with
+``benchmarks/bench_threads.py`` (1 against 2 threads per layer and size, idle
+and with one busy process); ``set_thresholds`` changes them (the benchmark
+and the tests use it), no user needs to.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import numba
+import numpy as np
+from numba import njit
+
+# From benchmarks/bench_threads.py on the 2-core machine, run at load 4.3
+# (the machine was shared; to be re-measured idle and with --busy 1).
+# Element-wise kernels are memory-bound: up to 1M elements of arguments
+# (4 MB in float32) two threads gained nothing there (ReLU, GroupNorm,
+# RoIAlign on 2 x 64 x 64 x 64: 1 thread 0.14 / 0.25 / 1.8 ms, 2 threads
+# 0.16 / 0.30 / 1.8 ms), and on an idle machine they could save at most a
+# fraction of those milliseconds. A multiply paid for a second thread from
+# about 4e7 FLOPs (64 x 576 x 512: 0.37 ms on 1 thread, 0.20 ms on 2) and
+# not at 1e7 (0.48 / 0.45 ms).
+KERNEL_SERIAL_ELEMENTS = 1 << 20
+GEMM_SERIAL_FLOPS = 2.0e7
+
+
+def set_thresholds(kernel_elements=None, gemm_flops=None):
+    """Set the thresholds (None keeps one); returns the old pair."""
+    global KERNEL_SERIAL_ELEMENTS, GEMM_SERIAL_FLOPS
+    old = (KERNEL_SERIAL_ELEMENTS, GEMM_SERIAL_FLOPS)
+    if kernel_elements is not None:
+        KERNEL_SERIAL_ELEMENTS = kernel_elements
+    if gemm_flops is not None:
+        GEMM_SERIAL_FLOPS = gemm_flops
+    return old
+
+
+def gemm_threads(flops: float) -> int:
+    """OpenBLAS threads for a multiply of ``flops`` floating-point operations."""
+    if flops < GEMM_SERIAL_FLOPS:
+        return 1
+    return numba.get_num_threads()
+
+
+def array_elements(args) -> int:
+    """The default work measure: elements of the array arguments."""
+    return sum(a.size for a in args if isinstance(a, np.ndarray))
+
+
+def use_parallel(work: int) -> bool:
+    """The rule: parallel when there is more than one thread to use and the
+    work is at least ``KERNEL_SERIAL_ELEMENTS``."""
+    return work >= KERNEL_SERIAL_ELEMENTS and numba.get_num_threads() > 1
+
+
+class ParallelKernel:
+    """A Numba kernel compiled twice, called through the rule. ``.parallel``
+    and ``.serial`` are the two dispatchers (tests call them directly)."""
+
+    def __init__(self, fn, work, options):
+        # __name__, __doc__, __module__, __qualname__ and __wrapped__ of the
+        # Python function: inspect.getsource(kernel) shows its source.
+        functools.update_wrapper(self, fn)
+        self.py_func = fn
+        self.work = work
+        self.parallel = njit(parallel=True, cache=True, **options)(fn)
+        # A copy of the function under another name: Numba's on-disk cache
+        # is keyed by the qualified name, so the two versions do not share
+        # (and overwrite) one cache entry.
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                    fn.__defaults__, fn.__closure__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        serial.__module__ = fn.__module__
+        serial.__doc__ = fn.__doc__
+        self.serial = njit(cache=True, **options)(serial)
+
+    def picks_parallel(self, *args) -> bool:
+        work = self.work(*args) if self.work is not None else array_elements(args)
+        return use_parallel(work)
+
+    def __call__(self, *args):
+        if self.picks_parallel(*args):
+            return self.parallel(*args)
+        return self.serial(*args)
+
+    def __repr__(self):
+        return f"<ParallelKernel {self.py_func.__module__}.{self.__name__}>"
+
+
+def parallel_kernel(fn=None, *, work=None, **options):
+    """Decorator: ``@parallel_kernel`` in place of
+    ``@njit(parallel=True, cache=True)``. ``work(*args)`` may give the
+    kernel's own work measure (in elements)."""
+    if fn is None:
+        return lambda f: ParallelKernel(f, work, options)
+    return ParallelKernel(fn, work, options)
