@@ -45,7 +45,7 @@ from minimask.nn import SGD, load_npz, save_npz
 
 @dataclass
 class TrainSettings:
-    iters: int = 6000                 # the default train: 11.5 min on an idle 2-core CPU, 2 ranks
+    iters: int = 10000                # the default train: see weights/README.md for its time
     batch_size: int = 4
     lr: float = 0.08                  # for the tiny preset (GN heads); ResNet presets want ~0.01
     momentum: float = 0.9

@@ -13,19 +13,25 @@ from dataclasses import dataclass, field
 PRESETS = {
     # For training on a 2-core CPU at 128-256 px: a narrow ResNet with one
     # basic block per stage, 64 FPN channels, two convs per subnet, anchors
-    # half RetinaNet's size (objects here are 10-100 px), and a canonical
-    # RoI size of 56 = 224 / 4 in eq. (1). What that does depends on the
-    # image size (ground-truth RoIs of 200 shapes images, seed 1000): at
-    # 256 px they spread over P3 / P4 / P5 as 52 / 41 / 7 %; at the default
-    # 128 px, 96 % go to P3 and the rest to P4 (eq. (1) clamps at P3, the
-    # finest level the model has). GroupNorm in the dense
-    # heads (as RetinaMask-GN and FCOS) lets it train at a high learning
-    # rate; the mask head is 32 channels wide and sees at most 8 RoIs per
-    # image, because its cost grows with the RoIs (measured in weights/README.md).
+    # half RetinaNet's size (objects here are 10-100 px). GroupNorm in the
+    # dense heads (as RetinaMask-GN and FCOS) lets it train at a high
+    # learning rate; the mask head is 32 channels wide and sees at most 8
+    # RoIs per image, because its cost grows with the RoIs.
+    # Issue 11's study (weights/README.md) chose two more things, for the
+    # long thin bars:
+    # - the mask RoIs are read from P2 (stride 4, built from C2 for the mask
+    #   branch only, as RetinaMask's p2p7 variant): eq. (1) with canonical
+    #   size 56 at level 2, clamped to P2..P3, sends every box with
+    #   sqrt(w h) < 112 px to P2 and larger ones to P3 - at the default
+    #   128 px that is all of them; a 5-px bar is then more than one feature
+    #   cell wide;
+    # - five anchor ratios, 0.2 to 5: 95 % of the bars have an anchor at
+    #   IoU >= 0.5 (79 % with 0.5 / 1 / 2), at 15 anchors per position.
     "tiny": dict(stem_channels=16, stem_kernel=3, block="basic", blocks=(1, 1, 1, 1),
                  widths=(16, 32, 64, 128), fpn_channels=64, head_convs=2, mask_convs=2,
-                 anchor_sizes=(16, 32, 64, 128, 256), canonical_size=56, head_norm=True,
-                 mask_channels=32, max_mask_rois=8),
+                 anchor_sizes=(16, 32, 64, 128, 256), anchor_ratios=(0.2, 0.5, 1.0, 2.0, 5.0),
+                 head_norm=True, mask_channels=32, max_mask_rois=8,
+                 canonical_size=56, canonical_level=2, roi_min_level=2, roi_max_level=3),
     "resnet18": dict(stem_channels=64, stem_kernel=7, block="basic", blocks=(2, 2, 2, 2),
                      widths=(64, 128, 256, 512), fpn_channels=256, head_convs=4, mask_convs=4),
     "resnet50": dict(stem_channels=64, stem_kernel=7, block="bottleneck", blocks=(3, 4, 6, 3),
