@@ -180,9 +180,12 @@ def test_config_round_trips_through_json_and_refuses_unknown_fields():
 
 
 def test_presets_build_with_the_documented_layouts():
-    for name, widths in [("tiny", (16, 32, 64, 128)), ("resnet18", (64, 128, 256, 512))]:
+    # C3-C5 feed the FPN; the tiny preset also hands C2 on, for its P2 (masks)
+    for name, widths, outputs in [("tiny", (16, 32, 64, 128), (16, 32, 64, 128)),
+                                  ("resnet18", (64, 128, 256, 512), (128, 256, 512))]:
         model = RetinaMask(Config.preset(name, num_classes=3))
-        assert model.backbone.out_channels == list(widths[1:])
+        assert model.backbone.out_channels == list(outputs)
+        assert model.backbone.out_channels[-3:] == list(widths[1:])
     r50 = Config.preset("resnet50", num_classes=80)
     assert r50.block == "bottleneck" and r50.fpn_channels == 256
     # the tiny mask head is narrower than its FPN: 64 channels in, 32 inside

@@ -243,7 +243,8 @@ def test_predict_reads_p2_for_the_masks_of_small_detections_only():
 def test_levels_of_eq1_with_min_level_2():
     """The tiny preset's eq. (1), k = floor(4 + log2(sqrt(w h) / 56)), on
     boxes whose levels are worked out by hand."""
-    model = RetinaMask(Config.preset("tiny", roi_min_level=2))
+    model = RetinaMask(Config.preset("tiny", roi_min_level=2, roi_max_level=5,
+                                     canonical_level=4))
     pooler = model.pooler
     assert (pooler.min_level, pooler.max_level, pooler.first_level) == (2, 5, 2)
     boxes = np.array([
@@ -259,7 +260,8 @@ def test_levels_of_eq1_with_min_level_2():
     ], float)
     assert pooler.levels_of(boxes).tolist() == [2, 2, 2, 2, 3, 3, 4, 5, 5]
     # without P2 the same boxes stop at P3
-    plain = RetinaMask(Config.preset("tiny")).pooler
+    plain = RetinaMask(Config.preset("tiny", roi_min_level=3, roi_max_level=5,
+                                     canonical_level=4)).pooler
     assert plain.first_level == 3
     assert plain.levels_of(boxes).tolist() == [3, 3, 3, 3, 3, 3, 4, 5, 5]
 
@@ -267,7 +269,8 @@ def test_levels_of_eq1_with_min_level_2():
 def test_the_pooler_reads_p2_for_level_2_rois():
     """A RoI of level 2 is pooled from levels[0] (P2) at scale 1/4, one of
     level 3 from levels[1] at 1/8: each map holds a distinct constant."""
-    model = RetinaMask(Config.preset("tiny", roi_min_level=2))
+    model = RetinaMask(Config.preset("tiny", roi_min_level=2, roi_max_level=5,
+                                     canonical_level=4))
     levels = [np.full((1, 2, 32 // 2 ** i, 32 // 2 ** i), float(10 + i), np.float32)
               for i in range(6)]
     rois = np.array([[0, 10, 10, 24, 24], [0, 0, 0, 40, 40]], np.float32)
@@ -281,7 +284,8 @@ def test_the_pooler_reads_p2_for_level_2_rois():
     (dict(roi_min_level=1), r"'roi_min_level' must be an integer in \[2, 7\], got 1"),
     (dict(roi_min_level=2, canonical_level=1), r"'canonical_level' must be an integer in \[2, 7\]"),
     (dict(canonical_level=8), r"'canonical_level' must be an integer in \[2, 7\], got 8"),
-    (dict(canonical_level=2), r"'canonical_level' \(2\) must lie within roi_min_level"),
+    (dict(roi_min_level=3, canonical_level=2),
+     r"'canonical_level' \(2\) must lie within roi_min_level"),
     (dict(roi_min_level=6, roi_max_level=5), r"range of levels within P2..P7"),
 ])
 def test_config_refuses_levels_outside_the_pyramid(fields, message):
@@ -289,11 +293,20 @@ def test_config_refuses_levels_outside_the_pyramid(fields, message):
         Config.preset("tiny", **fields)
 
 
-def test_the_tiny_preset_is_unchanged():
+def test_the_tiny_preset_reads_every_mask_roi_of_a_128px_image_from_p2():
+    """Issue 11's study chose P2 for the tiny preset's masks: eq. (1) with
+    canonical size 56 at level 2, clamped to P2..P3."""
     c = Config.preset("tiny")
-    assert (c.roi_min_level, c.roi_max_level, c.canonical_level) == (3, 5, 4)
-    assert not RetinaMask(c).fpn.with_p2
-    assert Config.preset("tiny", roi_min_level=2, canonical_level=2).roi_min_level == 2
+    assert (c.roi_min_level, c.roi_max_level, c.canonical_level) == (2, 3, 2)
+    model = RetinaMask(c)
+    assert model.fpn.with_p2 and model.pooler.first_level == 2
+    # floor(2 + log2(sqrt(w h) / 56)): below 112 px -> 2, from 112 px -> 3
+    boxes = np.array([[0, 0, 5, 100], [0, 0, 111, 111], [0, 0, 112, 112], [0, 0, 128, 128],
+                      [0, 0, 4, 4]], float)
+    assert model.pooler.levels_of(boxes).tolist() == [2, 2, 3, 3, 2]
+    # the preset before the study, as weights/README.md's table starts from
+    old = RetinaMask(Config.preset("tiny", roi_min_level=3, roi_max_level=5, canonical_level=4))
+    assert not old.fpn.with_p2 and old.pooler.first_level == 3
 
 
 # ----------------------------------------------------------------------
