@@ -36,7 +36,14 @@ def test_rejects_a_malformed_case():
         bench["parse_case"]("tiny128")
 
 
-def test_network_step_equals_model_loss():
+# the tiny preset (mask RoIs from P2, five anchor ratios) and the one before
+# issue 11's study (P3..P5 by eq. (1) at level 4, three ratios): the mirror
+# must follow both pyramids
+OLD_TINY = dict(roi_min_level=3, roi_max_level=5, canonical_level=4, anchor_ratios=(0.5, 1.0, 2.0))
+
+
+@pytest.mark.parametrize("overrides", [{}, OLD_TINY], ids=["tiny_p2", "tiny_p3"])
+def test_network_step_equals_model_loss(overrides):
     """float64, tiny preset at 64 px, two images: the losses and every
     gradient of ``minimask_step`` equal ``model.loss``'s."""
     from minimask.data.synthetic import ShapesDataset
@@ -46,11 +53,21 @@ def test_network_step_equals_model_loss():
     data = ShapesDataset(seed=4, num_images=2, size=64)
     images = np.stack([data[i][0] for i in range(2)]).astype(np.float64)
     targets = [data[i][1] for i in range(2)]
-    model = RetinaMask(Config.preset("tiny", num_classes=data.num_classes, dtype="float64"))
+    model = RetinaMask(Config.preset("tiny", num_classes=data.num_classes, dtype="float64",
+                                     **overrides))
+    with_p2 = model.config.roi_min_level == 2
+    assert with_p2 == (not overrides) and model.fpn.with_p2 == with_p2
     prep = bench["prepare"](model, images, targets)
     assert prep["rois"].shape[0] > 0 and int(prep["num_pos"]) > 0   # all three terms present
+    # the RoIs' levels lie in the config's range; with P2 some read P2
+    levels = prep["roi_levels"]
+    assert levels.min() >= model.config.roi_min_level and levels.max() <= model.config.roi_max_level
+    assert (2 in levels) == with_p2
     ref = model.loss(images, targets)
     ref_grads = {k: p.grad.copy() for k, p in model.named_parameters()}
+    assert ("fpn.lateral2.weight" in ref_grads) == with_p2
+    if with_p2:     # the mask loss reaches P2's convs
+        assert np.abs(ref_grads["fpn.smooth2.weight"]).max() > 0
     mine = bench["minimask_step"](model, prep)
     for k in ("cls", "box", "mask", "total"):
         assert mine[k] == pytest.approx(ref[k], rel=1e-12, abs=0)
