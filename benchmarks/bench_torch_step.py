@@ -241,6 +241,8 @@ def role_verify(cases, batch, tolerance, tiny_weights=None):
                      "num_pos": ref["num_pos"], "num_mask_rois": ref["num_mask_rois"],
                      "mask_levels": [model.config.roi_min_level, model.config.roi_max_level],
                      "anchors_per_position": model.config.num_anchors,
+                     "mask_rois_per_level": {f"P{k}": int(n) for k, n in
+                                             zip(*np.unique(prep["roi_levels"], return_counts=True))},
                      "loss_rel_err": loss_err, "max_grad_rel_err": grad_err[worst],
                      "worst_param": worst, "num_params": len(grad_err),
                      "minimask_step_vs_loss_rel_err": step_err, "tolerance": tolerance,
@@ -408,7 +410,8 @@ def orchestrate(args):
               f"P{v['mask_levels'][1]}, {v['anchors_per_position']} anchors per position): "
               f"losses cls {v['losses']['cls']:.6f} "
               f"box {v['losses']['box']:.6f} mask {v['losses']['mask']:.6f} "
-              f"({v['num_pos']} positives, {v['num_mask_rois']} mask RoIs); rel. err. "
+              f"({v['num_pos']} positives, {v['num_mask_rois']} mask RoIs: "
+              f"{', '.join(f'{k} {n}' for k, n in v['mask_rois_per_level'].items())}); rel. err. "
               f"cls {e['cls']:.1e} box {e['box']:.1e} mask {e['mask']:.1e}; gradients of "
               f"{v['num_params']} parameters: max {v['max_grad_rel_err']:.1e} ({v['worst_param']}); "
               f"minimask_step vs model.loss {v['minimask_step_vs_loss_rel_err']:.1e}  "

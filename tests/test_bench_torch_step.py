@@ -36,14 +36,17 @@ def test_rejects_a_malformed_case():
         bench["parse_case"]("tiny128")
 
 
-# the tiny preset (mask RoIs from P2, five anchor ratios) and the one before
-# issue 11's study (P3..P5 by eq. (1) at level 4, three ratios): the mirror
-# must follow both pyramids
+# the tiny preset (mask RoIs from P2, five anchor ratios), the one before
+# issue 11's study (P3..P5 by eq. (1) at level 4, three ratios), and P2 with
+# a small canonical size, so that the RoIs of one batch read P2 and P3: the
+# mirror must follow each pyramid
 OLD_TINY = dict(roi_min_level=3, roi_max_level=5, canonical_level=4, anchor_ratios=(0.5, 1.0, 2.0))
+MIXED_P2 = dict(canonical_size=6, roi_max_level=5)
 
 
-@pytest.mark.parametrize("overrides", [{}, OLD_TINY], ids=["tiny_p2", "tiny_p3"])
-def test_network_step_equals_model_loss(overrides):
+@pytest.mark.parametrize("overrides, levels_read", [({}, {2}), (OLD_TINY, {3}), (MIXED_P2, {2, 3})],
+                         ids=["tiny_p2", "tiny_p3", "tiny_p2_mixed"])
+def test_network_step_equals_model_loss(overrides, levels_read):
     """float64, tiny preset at 64 px, two images: the losses and every
     gradient of ``minimask_step`` equal ``model.loss``'s."""
     from minimask.data.synthetic import ShapesDataset
@@ -56,13 +59,11 @@ def test_network_step_equals_model_loss(overrides):
     model = RetinaMask(Config.preset("tiny", num_classes=data.num_classes, dtype="float64",
                                      **overrides))
     with_p2 = model.config.roi_min_level == 2
-    assert with_p2 == (not overrides) and model.fpn.with_p2 == with_p2
+    assert model.fpn.with_p2 == with_p2
     prep = bench["prepare"](model, images, targets)
     assert prep["rois"].shape[0] > 0 and int(prep["num_pos"]) > 0   # all three terms present
-    # the RoIs' levels lie in the config's range; with P2 some read P2
-    levels = prep["roi_levels"]
-    assert levels.min() >= model.config.roi_min_level and levels.max() <= model.config.roi_max_level
-    assert (2 in levels) == with_p2
+    # eq. (1)'s levels, as the case means them to be
+    assert set(prep["roi_levels"].tolist()) == levels_read
     ref = model.loss(images, targets)
     ref_grads = {k: p.grad.copy() for k, p in model.named_parameters()}
     assert ("fpn.lateral2.weight" in ref_grads) == with_p2
