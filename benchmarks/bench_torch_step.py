@@ -36,9 +36,12 @@ minimask column "model.loss" times the whole public call, matching included.
    CPU seconds of the process (with one thread, the CPU seconds are what a
    step costs on an idle core even when the machine is loaded).
 
-Cases: the tiny preset from the shipped ``weights/shapes_tiny.npz`` at 128
-and 256 px, and the resnet18 preset (seed-0 initialisation: no weights are
-shipped for it) at 256 px; batch 4 of synthetic shapes (seed 0). The
+Cases: the tiny preset from the shipped ``weights/shapes_tiny.npz`` (or
+``--tiny-weights``: another checkpoint, or ``preset`` for the tiny preset's
+seed-0 initialisation) at 128 and 256 px, and the resnet18 preset (seed-0
+initialisation: no weights are shipped for it) at 256 px; batch 4 of
+synthetic shapes (seed 0). The tiny cases take their config (P2 or not,
+the anchor ratios) from the checkpoint, and so does the twin. The
 machine's load average is recorded before and after every measurement: on a
 shared machine, timings move with it.
 
@@ -63,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 DEFAULT_CASES = ("tiny:128", "tiny:256", "resnet18:256")
+TINY_WEIGHTS = str(ROOT / "weights" / "shapes_tiny.npz")
 
 
 def parse_case(text):
@@ -77,9 +81,11 @@ def parse_case(text):
 # minimask's side (imports minimask, never torch)
 # ----------------------------------------------------------------------
 
-def build_minimask(preset, size, batch, dtype):
-    """(model, images, targets): the tiny preset from the shipped weights,
-    other presets from their seed-0 initialisation; synthetic shapes."""
+def build_minimask(preset, size, batch, dtype, tiny_weights=None):
+    """(model, images, targets): the tiny preset from ``tiny_weights`` (a
+    checkpoint, its own config included; default the shipped weights;
+    ``"preset"``: the preset's seed-0 initialisation), other presets from
+    their seed-0 initialisation; synthetic shapes."""
     import numpy as np
 
     from minimask.data.synthetic import ShapesDataset
@@ -89,8 +95,9 @@ def build_minimask(preset, size, batch, dtype):
     data = ShapesDataset(seed=0, num_images=batch, size=size)
     images = np.stack([data[i][0] for i in range(batch)]).astype(dtype)
     targets = [data[i][1] for i in range(batch)]
-    if preset == "tiny":
-        arrays, meta = load_npz(ROOT / "weights" / "shapes_tiny.npz")
+    tiny_weights = TINY_WEIGHTS if tiny_weights is None else tiny_weights
+    if preset == "tiny" and tiny_weights != "preset":
+        arrays, meta = load_npz(tiny_weights)
         config = Config.from_dict({**meta["config"], "dtype": np.dtype(dtype).name})
         model = RetinaMask(config)
         model.load_state_dict({k: v for k, v in arrays.items() if not k.startswith("optimizer.")})
@@ -114,21 +121,24 @@ def prepare(model, images, targets) -> dict:
     images = model._check_images(images)
     targets = model._check_targets(targets, images)
     N, _, H, W = images.shape
+    images = model.normalize_images(images)     # what the network sees (both sides)
     P, logits, deltas, _ = model._forward_dense(images)
-    anchors_per_level = model._anchors(P)
+    anchors_per_level = model._anchors(P, (H, W))
     anchors = np.concatenate(anchors_per_level)
     cls_targets = np.zeros_like(logits)
     weights = np.ones_like(logits)
     positive = np.zeros(logits.shape[:2], dtype=bool)
     box_targets = np.zeros_like(deltas)
     for n, t in enumerate(targets):
-        matches = match_anchors(anchors, t["boxes"], c.pos_iou, c.neg_iou, c.low_quality_matches)
+        matches = match_anchors(anchors, t["boxes"], c.pos_iou, c.neg_iou, c.low_quality_matches,
+                                low_quality_iou=c.low_quality_iou)
         pos = matches >= 0
         positive[n] = pos
         cls_targets[n, pos, t["labels"][matches[pos]]] = 1
         weights[n, matches == IGNORED] = 0
         if pos.any():
-            box_targets[n, pos] = encode_boxes(t["boxes"][matches[pos]], anchors[pos])
+            box_targets[n, pos] = encode_boxes(t["boxes"][matches[pos]], anchors[pos],
+                                               c.box_weights)
     mask_batch = model._mask_rois(logits, deltas, anchors_per_level, targets, H, W)
     m = c.mask_size
     if mask_batch is None:
@@ -171,7 +181,9 @@ def minimask_step(model, prep) -> dict:
         ddeltas[positive] = smooth_l1_backward(np.asarray(1.0 / num_pos, dt), box_cache)
     l_mask, dP_mask = 0.0, None
     if len(prep["rois"]):
-        feats, pool_cache = model.pooler.forward(P, prep["rois"])
+        # P2..P7 when the config builds P2 for the masks, else P3..P7
+        feats, pool_cache = model.pooler.forward(model._mask_levels(P, dense_cache),
+                                                 prep["rois"])
         mask_logits, head_cache = model.mask_head.forward(feats)
         l_mask, bce_cache = mask_bce_forward(mask_logits, prep["roi_labels"], prep["mask_targets"])
         l_mask = float(l_mask)
@@ -195,7 +207,7 @@ def _rel(a, b):
 # roles: each runs in its own process
 # ----------------------------------------------------------------------
 
-def role_verify(cases, batch, tolerance):
+def role_verify(cases, batch, tolerance, tiny_weights=None):
     """float64: twin vs model.loss, and minimask_step vs model.loss."""
     import numpy as np
     import torch
@@ -205,7 +217,7 @@ def role_verify(cases, batch, tolerance):
 
     rows = []
     for preset, size in cases:
-        model, images, targets = build_minimask(preset, size, batch, np.float64)
+        model, images, targets = build_minimask(preset, size, batch, np.float64, tiny_weights)
         prep = prepare(model, images, targets)
         ref = model.loss(images, targets)
         ref_grads = {k: p.grad.copy() for k, p in model.named_parameters()}
@@ -227,6 +239,10 @@ def role_verify(cases, batch, tolerance):
         rows.append({"preset": preset, "size": size, "batch": batch, "dtype": "float64",
                      "losses": {k: ref[k] for k in ("cls", "box", "mask", "total")},
                      "num_pos": ref["num_pos"], "num_mask_rois": ref["num_mask_rois"],
+                     "mask_levels": [model.config.roi_min_level, model.config.roi_max_level],
+                     "anchors_per_position": model.config.num_anchors,
+                     "mask_rois_per_level": {f"P{k}": int(n) for k, n in
+                                             zip(*np.unique(prep["roi_levels"], return_counts=True))},
                      "loss_rel_err": loss_err, "max_grad_rel_err": grad_err[worst],
                      "worst_param": worst, "num_params": len(grad_err),
                      "minimask_step_vs_loss_rel_err": step_err, "tolerance": tolerance,
@@ -234,9 +250,9 @@ def role_verify(cases, batch, tolerance):
     return rows
 
 
-def role_prepare(preset, size, batch, out):
+def role_prepare(preset, size, batch, out, tiny_weights=None):
     import numpy as np
-    model, images, targets = build_minimask(preset, size, batch, np.float32)
+    model, images, targets = build_minimask(preset, size, batch, np.float32, tiny_weights)
     prep = prepare(model, images, targets)
     arrays = {f"prep.{k}": v for k, v in prep.items()}
     arrays.update({f"param.{k}": v for k, v in model.state_dict().items()})
@@ -277,7 +293,7 @@ def _time(fn, warmup, steps):
             "cpu_median_s": statistics.median(cpus)}
 
 
-def role_time_minimask(path, threads, warmup, steps, batch_targets):
+def role_time_minimask(path, threads, warmup, steps, batch_targets, tiny_weights=None):
     import minimask
     minimask.configure_process()          # what the CLI and training do
     import numba
@@ -290,7 +306,7 @@ def role_time_minimask(path, threads, warmup, steps, batch_targets):
     out["layer"] = numba.threading_layer()
     if batch_targets:       # the whole public call, matching and mask RoIs included
         preset, size, batch = batch_targets
-        _, images, targets = build_minimask(preset, size, batch, "float32")
+        _, images, targets = build_minimask(preset, size, batch, "float32", tiny_weights)
         full = _time(lambda: model.loss(images, targets), 1, 3)
         out["model_loss_median_s"] = full["median_s"]
     out["torch_loaded"] = "torch" in sys.modules
@@ -379,20 +395,29 @@ def orchestrate(args):
               "Python that has them (pip install torch torchvision)", file=sys.stderr)
         return 2
     cases = args.cases
+    if args.tiny_weights != "preset" and not os.path.isfile(args.tiny_weights):
+        print(f"bench_torch_step: --tiny-weights must be a checkpoint file or 'preset', got "
+              f"{args.tiny_weights!r} (no such file)", file=sys.stderr)
+        return 2
     print(f"verifying in float64 (tolerance {args.tolerance:g}) ...", flush=True)
     verify = _child(["--role", "verify", "--batch", str(args.batch), "--tolerance",
-                     str(args.tolerance), "--cases", *[f"{p}:{s}" for p, s in cases]],
+                     str(args.tolerance), "--tiny-weights", args.tiny_weights,
+                     "--cases", *[f"{p}:{s}" for p, s in cases]],
                     threads=args.threads[-1])
     for v in verify:
         e = v["loss_rel_err"]
-        print(f"  {v['preset']:9s} {v['size']:4d} px: losses cls {v['losses']['cls']:.6f} "
+        print(f"  {v['preset']:9s} {v['size']:4d} px (mask RoIs from P{v['mask_levels'][0]}.."
+              f"P{v['mask_levels'][1]}, {v['anchors_per_position']} anchors per position): "
+              f"losses cls {v['losses']['cls']:.6f} "
               f"box {v['losses']['box']:.6f} mask {v['losses']['mask']:.6f} "
-              f"({v['num_pos']} positives, {v['num_mask_rois']} mask RoIs); rel. err. "
+              f"({v['num_pos']} positives, {v['num_mask_rois']} mask RoIs: "
+              f"{', '.join(f'{k} {n}' for k, n in v['mask_rois_per_level'].items())}); rel. err. "
               f"cls {e['cls']:.1e} box {e['box']:.1e} mask {e['mask']:.1e}; gradients of "
               f"{v['num_params']} parameters: max {v['max_grad_rel_err']:.1e} ({v['worst_param']}); "
               f"minimask_step vs model.loss {v['minimask_step_vs_loss_rel_err']:.1e}  "
               f"{'PASS' if v['passed'] else 'FAIL'}", flush=True)
     results = {"batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+               "tiny_weights": args.tiny_weights,
                "python": sys.version.split()[0], "verification": verify, "timing": []}
     if not all(v["passed"] for v in verify):
         print("bench_torch_step: verification FAILED: the twin does not compute what minimask "
@@ -410,13 +435,15 @@ def orchestrate(args):
         for preset, size in cases:
             path = os.path.join(tmp, f"{preset}_{size}.npz")
             subprocess.run([sys.executable, __file__, "--role", "prepare", "--cases",
-                            f"{preset}:{size}", "--batch", str(args.batch), "--out", path],
+                            f"{preset}:{size}", "--batch", str(args.batch), "--out", path,
+                            "--tiny-weights", args.tiny_weights],
                            env={**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep +
                                 os.environ.get("PYTHONPATH", "")}, check=True)
             for threads in args.threads:
                 before = os.getloadavg()[0]
                 common = ["--case-file", path, "--warmup", str(args.warmup), "--steps",
-                          str(args.steps), "--cases", f"{preset}:{size}", "--batch", str(args.batch)]
+                          str(args.steps), "--cases", f"{preset}:{size}", "--batch", str(args.batch),
+                          "--tiny-weights", args.tiny_weights]
                 mm = _child(["--role", "time-minimask", *common], threads=threads)
                 tt = _child(["--role", "time-torch", *common], threads=threads)
                 after = os.getloadavg()[0]
@@ -463,6 +490,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=1e-10)
     p.add_argument("--verify-only", action="store_true")
+    p.add_argument("--tiny-weights", default=TINY_WEIGHTS, metavar="NPZ|preset",
+                   help="the tiny cases' checkpoint (its config included; default the shipped "
+                        "weights), or 'preset' for the tiny preset's seed-0 initialisation")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "torch_step.json"))
     p.add_argument("--png", default=str(ROOT / "figures" / "benchmark_torch_step.png"))
     p.add_argument("--plot", metavar="JSON", help="only draw the figure from a results file")
@@ -479,15 +509,15 @@ def main(argv=None):
         return orchestrate(args)
     threads = int(os.environ.get("NUMBA_NUM_THREADS", "0")) or os.cpu_count()
     if args.role == "verify":
-        result = role_verify(args.cases, args.batch, args.tolerance)
+        result = role_verify(args.cases, args.batch, args.tolerance, args.tiny_weights)
     elif args.role == "prepare":
         preset, size = args.cases[0]
-        role_prepare(preset, size, args.batch, args.out)
+        role_prepare(preset, size, args.batch, args.out, args.tiny_weights)
         return 0
     elif args.role == "time-minimask":
         preset, size = args.cases[0]
         result = role_time_minimask(args.case_file, threads, args.warmup, args.steps,
-                                    (preset, size, args.batch))
+                                    (preset, size, args.batch), args.tiny_weights)
     else:
         result = role_time_torch(args.case_file, threads, args.warmup, args.steps)
     print(json.dumps(result))

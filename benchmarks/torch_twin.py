@@ -16,12 +16,18 @@ What each piece is in PyTorch:
                             lateral's size (minimask's rule for odd sides; not
                             ``interpolate(size=...)``, which maps pixels
                             differently), 3x3 smoothing, P6 from the smoothed
-                            P5, P7 from relu(P6)
+                            P5 (or from C5 with ``p6_input="c5"``), P7 from
+                            relu(P6)
+    P2 (roi_min_level = 2)  smooth2(lateral2(C2) + up2(t3)): C2 is the first
+                            stage's output (stride 4), t3 the sum that P3 is
+                            smoothed from (lateral3(C3) + up2(t4)). Only the
+                            mask RoIs read P2; the dense heads keep P3-P7
     class / box subnets     shared over the levels; GroupNorm after each tower
                             conv when the config has ``head_norm``
     mask branch             ``torchvision.ops.roi_align`` per FPN level
                             (aligned=True, the config's sampling ratio,
-                            spatial scale 1 / 2^k, average mode), a conv tower
+                            spatial scale 1 / 2^k, average mode; levels from
+                            P2 when the config has it, else from P3), a conv tower
                             without norm, a 2x2/2 transposed conv (or nearest
                             2x + 3x3 conv), ReLU, a 1x1 conv to K channels
     losses                  ``torchvision.ops.sigmoid_focal_loss`` times the
@@ -97,8 +103,9 @@ class Bottleneck(BasicBlock):
 
 
 class ResNet(nn.Module):
-    def __init__(self, stem_channels, stem_kernel, blocks, widths, block):
+    def __init__(self, stem_channels, stem_kernel, blocks, widths, block, with_c2=False):
         super().__init__()
+        self.with_c2 = with_c2      # return C2 (stage 1's output) too, for P2
         Block = BasicBlock if block == "basic" else Bottleneck
         self.stem = Seq(*conv_gn(3, stem_channels, stem_kernel, 2), nn.MaxPool2d(3, 2, 1))
         stages, c_in = [], stem_channels
@@ -115,7 +122,7 @@ class ResNet(nn.Module):
         for stage in self.stages:
             x = stage(x)
             outs.append(x)
-        return outs[1:]
+        return outs if self.with_c2 else outs[1:]
 
 
 def _up_to(x, like):
@@ -125,27 +132,47 @@ def _up_to(x, like):
 
 
 class FPN(nn.Module):
-    def __init__(self, in_channels, channels):
+    """in_channels: the widths of (C3, C4, C5), or of (C2, C3, C4, C5) for a
+    pyramid that also builds P2 (minimask's ``FPN`` with four widths)."""
+
+    def __init__(self, in_channels, channels, p6_input="p5"):
         super().__init__()
-        c3, c4, c5 = in_channels
+        in_channels = tuple(in_channels)
+        if len(in_channels) not in (3, 4):
+            raise ValueError(f"in_channels: the widths of C3..C5 or C2..C5, got {in_channels}")
+        if p6_input not in ("p5", "c5"):
+            raise ValueError(f"p6_input must be 'p5' or 'c5', got {p6_input!r}")
+        self.with_p2 = len(in_channels) == 4
+        self.p6_input = p6_input
+        c3, c4, c5 = in_channels[-3:]
         self.lateral3 = nn.Conv2d(c3, channels, 1)
         self.lateral4 = nn.Conv2d(c4, channels, 1)
         self.lateral5 = nn.Conv2d(c5, channels, 1)
         self.smooth3 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.smooth4 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.smooth5 = nn.Conv2d(channels, channels, 3, 1, 1)
-        self.p6 = nn.Conv2d(channels, channels, 3, 2, 1)
+        self.p6 = nn.Conv2d(c5 if p6_input == "c5" else channels, channels, 3, 2, 1)
         self.p7 = nn.Conv2d(channels, channels, 3, 2, 1)
+        if self.with_p2:
+            self.lateral2 = nn.Conv2d(in_channels[0], channels, 1)
+            self.smooth2 = nn.Conv2d(channels, channels, 3, 1, 1)
 
     def forward(self, feats):
+        """-> ([P3, P4, P5, P6, P7], P2 or None)."""
+        C2 = None
+        if self.with_p2:
+            C2, *feats = feats
         C3, C4, C5 = feats
         l5 = self.lateral5(C5)
         t4 = self.lateral4(C4) + _up_to(l5, C4)
         t3 = self.lateral3(C3) + _up_to(t4, C3)
         P5 = self.smooth5(l5)
-        P6 = self.p6(P5)
+        P6 = self.p6(C5 if self.p6_input == "c5" else P5)
         P7 = self.p7(F.relu(P6))
-        return [self.smooth3(t3), self.smooth4(t4), P5, P6, P7]
+        P2 = None
+        if C2 is not None:      # t3, P3 before its smoothing conv, goes down to P2
+            P2 = self.smooth2(self.lateral2(C2) + _up_to(t3, C2))
+        return [self.smooth3(t3), self.smooth4(t4), P5, P6, P7], P2
 
 
 def _tower(channels, n_convs, norm, out_channels=None):
@@ -208,24 +235,35 @@ class RetinaMaskTwin(nn.Module):
         self.config = dict(c)
         if c["roi_mode"] != "avg":
             raise ValueError("the twin has torchvision's RoIAlign, which averages: roi_mode must be 'avg'")
+        if c.get("backbone", "gn") != "gn":
+            raise ValueError(f"the twin has minimask's GroupNorm ResNet only: backbone must be "
+                             f"'gn', got {c['backbone']!r}")
+        # as minimask: a P2 (from C2) exists only when the mask RoIs may read it
+        self.with_p2 = c["roi_min_level"] == 2
+        self.first_level = 2 if self.with_p2 else 3     # the level of the pooler's maps[0]
         self.backbone = ResNet(c["stem_channels"], c["stem_kernel"], c["blocks"], c["widths"],
-                               c["block"])
+                               c["block"], with_c2=self.with_p2)
         C = c["fpn_channels"]
-        self.fpn = FPN(c["widths"][1:], C)
-        A = len(c["anchor_ratios"]) * len(c["anchor_scales"])
+        self.fpn = FPN(c["widths"] if self.with_p2 else c["widths"][1:], C,
+                       c.get("p6_input", "p5"))
+        A = len(c["anchor_ratios"]) * len(c["anchor_scales"])    # Config.num_anchors
         K = c["num_classes"]
         self.cls_head = DenseHead(C, c["head_convs"], A, K, c["head_norm"])
         self.box_head = DenseHead(C, c["head_convs"], A, 4, c["head_norm"])
         self.mask_head = MaskHead(C, c["mask_convs"], K, c["mask_upsample"], c["mask_channels"])
 
-    def pool(self, P, rois, levels):
-        """Multi-level RoIAlign: RoI r read from P[levels[r] - 3]."""
+    def pool(self, maps, rois, levels):
+        """Multi-level RoIAlign: RoI r read from ``maps[levels[r] - first_level]``
+        (maps: P2..P7 with P2, else P3..P7), at scale 1 / 2^level."""
         c = self.config
         s = c["mask_size"] // 2
-        out = P[0].new_zeros((rois.shape[0], P[0].shape[1], s, s))
+        out = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], s, s))
         for level in torch.unique(levels).tolist():
+            if not 0 <= level - self.first_level < len(maps):
+                raise ValueError(f"an RoI's level {level} is not among the pyramid's levels "
+                                 f"{self.first_level}..{self.first_level + len(maps) - 1}")
             idx = torch.nonzero(levels == level).flatten()
-            out[idx] = roi_align(P[level - 3], rois[idx], output_size=s,
+            out[idx] = roi_align(maps[level - self.first_level], rois[idx], output_size=s,
                                  spatial_scale=1.0 / 2 ** level,
                                  sampling_ratio=c["roi_sampling_ratio"], aligned=True)
         return out
@@ -234,7 +272,7 @@ class RetinaMaskTwin(nn.Module):
         """Eq. (2) for one batch; ``prep`` holds the host-side targets as
         tensors (``as_tensors``). Returns (total, cls, box, mask)."""
         c = self.config
-        P = self.fpn(self.backbone(images))
+        P, P2 = self.fpn(self.backbone(images))
         logits = self.cls_head(P)
         deltas = self.box_head(P)
         num_pos = prep["num_pos"]
@@ -247,7 +285,8 @@ class RetinaMaskTwin(nn.Module):
         total = l_cls + l_box
         l_mask = torch.zeros((), dtype=images.dtype)
         if prep["rois"].shape[0]:
-            features = self.pool(P, prep["rois"], prep["roi_levels"])
+            maps = P if P2 is None else [P2] + P
+            features = self.pool(maps, prep["rois"], prep["roi_levels"])
             mask_logits = self.mask_head(features)
             R = mask_logits.shape[0]
             chosen = mask_logits[torch.arange(R), prep["roi_labels"]]

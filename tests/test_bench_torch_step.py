@@ -36,7 +36,17 @@ def test_rejects_a_malformed_case():
         bench["parse_case"]("tiny128")
 
 
-def test_network_step_equals_model_loss():
+# the tiny preset (mask RoIs from P2, five anchor ratios), the one before
+# issue 11's study (P3..P5 by eq. (1) at level 4, three ratios), and P2 with
+# a small canonical size, so that the RoIs of one batch read P2 and P3: the
+# mirror must follow each pyramid
+OLD_TINY = dict(roi_min_level=3, roi_max_level=5, canonical_level=4, anchor_ratios=(0.5, 1.0, 2.0))
+MIXED_P2 = dict(canonical_size=6, roi_max_level=5)
+
+
+@pytest.mark.parametrize("overrides, levels_read", [({}, {2}), (OLD_TINY, {3}), (MIXED_P2, {2, 3})],
+                         ids=["tiny_p2", "tiny_p3", "tiny_p2_mixed"])
+def test_network_step_equals_model_loss(overrides, levels_read):
     """float64, tiny preset at 64 px, two images: the losses and every
     gradient of ``minimask_step`` equal ``model.loss``'s."""
     from minimask.data.synthetic import ShapesDataset
@@ -46,11 +56,19 @@ def test_network_step_equals_model_loss():
     data = ShapesDataset(seed=4, num_images=2, size=64)
     images = np.stack([data[i][0] for i in range(2)]).astype(np.float64)
     targets = [data[i][1] for i in range(2)]
-    model = RetinaMask(Config.preset("tiny", num_classes=data.num_classes, dtype="float64"))
+    model = RetinaMask(Config.preset("tiny", num_classes=data.num_classes, dtype="float64",
+                                     **overrides))
+    with_p2 = model.config.roi_min_level == 2
+    assert model.fpn.with_p2 == with_p2
     prep = bench["prepare"](model, images, targets)
     assert prep["rois"].shape[0] > 0 and int(prep["num_pos"]) > 0   # all three terms present
+    # eq. (1)'s levels, as the case means them to be
+    assert set(prep["roi_levels"].tolist()) == levels_read
     ref = model.loss(images, targets)
     ref_grads = {k: p.grad.copy() for k, p in model.named_parameters()}
+    assert ("fpn.lateral2.weight" in ref_grads) == with_p2
+    if with_p2:     # the mask loss reaches P2's convs
+        assert np.abs(ref_grads["fpn.smooth2.weight"]).max() > 0
     mine = bench["minimask_step"](model, prep)
     for k in ("cls", "box", "mask", "total"):
         assert mine[k] == pytest.approx(ref[k], rel=1e-12, abs=0)
