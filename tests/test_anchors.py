@@ -120,17 +120,24 @@ def test_low_quality_claim_below_threshold_goes_to_the_best_object():
     np.testing.assert_array_equal(m, _peers_matching(anchors, gt))
 
 
-@given(st.integers(0, 10_000))
-def test_matching_equals_the_peers_rule_on_random_crowded_scenes(seed):
+def random_crowded_scene(seed):
+    """(anchors, gt boxes) of one random scene: up to 7 boxes, some long and
+    thin, and every third seed two identical boxes - duplicate boxes and boxes
+    sharing an anchor exactly are the hard cases of matching."""
     rng = np.random.default_rng(seed)
     anchors = level_anchors(6, 6, stride=8, size=16)
     G = int(rng.integers(1, 8))
     xy = rng.uniform(0, 40, (G, 2))
     wh = rng.uniform(2, 30, (G, 2)) * rng.choice([0.2, 1.0, 5.0], (G, 1)) ** [1, -1]
     gt = np.concatenate([xy, xy + np.clip(wh, 1, 60)], 1)
-    # duplicate boxes and boxes sharing an anchor exactly are the hard cases
     if G > 1 and seed % 3 == 0:
         gt[1] = gt[0]
+    return anchors, gt
+
+
+@given(st.integers(0, 10_000))
+def test_matching_equals_the_peers_rule_on_random_crowded_scenes(seed):
+    anchors, gt = random_crowded_scene(seed)
     np.testing.assert_array_equal(match_anchors(anchors, gt), _peers_matching(anchors, gt))
 
 

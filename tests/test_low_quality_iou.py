@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from minimask.anchors import IGNORED, NEGATIVE, level_anchors, match_anchors
 from minimask.boxes import box_iou
 from minimask.model import Config, RetinaMask
-from tests.test_anchors import _peers_matching
+from tests.test_anchors import _peers_matching, random_crowded_scene
 from tests.test_model import micro_config
 
 
@@ -70,21 +70,9 @@ def test_the_threshold_drops_only_the_weak_claims():
         assert match_anchors(anchors, gt, low_quality_iou=t).tolist() == [0]
 
 
-def _random_scene(seed):
-    rng = np.random.default_rng(seed)
-    anchors = level_anchors(6, 6, stride=8, size=16)
-    G = int(rng.integers(1, 8))
-    xy = rng.uniform(0, 40, (G, 2))
-    wh = rng.uniform(2, 30, (G, 2)) * rng.choice([0.2, 1.0, 5.0], (G, 1)) ** [1, -1]
-    gt = np.concatenate([xy, xy + np.clip(wh, 1, 60)], 1)
-    if G > 1 and seed % 3 == 0:
-        gt[1] = gt[0]
-    return anchors, gt
-
-
 @given(st.integers(0, 10_000))
 def test_threshold_zero_is_todays_rule_on_random_scenes(seed):
-    anchors, gt = _random_scene(seed)
+    anchors, gt = random_crowded_scene(seed)
     m = match_anchors(anchors, gt, low_quality_iou=0.0)
     np.testing.assert_array_equal(m, match_anchors(anchors, gt))
     np.testing.assert_array_equal(m, _peers_matching(anchors, gt))
@@ -92,7 +80,7 @@ def test_threshold_zero_is_todays_rule_on_random_scenes(seed):
 
 @given(st.integers(0, 10_000), st.sampled_from([0.1, 0.2, 0.3, 0.4]))
 def test_a_threshold_equals_the_loop_reference_on_random_scenes(seed, t):
-    anchors, gt = _random_scene(seed)
+    anchors, gt = random_crowded_scene(seed)
     m = match_anchors(anchors, gt, low_quality_iou=t)
     np.testing.assert_array_equal(m, _thresholded_reference(anchors, gt, t))
     # a higher threshold never makes more positives
