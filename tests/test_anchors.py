@@ -81,11 +81,12 @@ def test_matching_picks_the_best_ground_truth():
 # (issue 11): the rule of torchvision's Matcher and detectron2's Matcher.
 # --------------------------------------------------------------------------
 
-def _peers_matching(anchors, gt, pos_iou=0.5, neg_iou=0.4):
+def _peers_matching(anchors, gt, pos_iou=0.5, neg_iou=0.4, low_quality_iou=0.0):
     """torchvision / detectron2's rule, written as loops over anchors:
     each anchor takes the object it overlaps most; below neg_iou it is
     negative, between the thresholds ignored; an anchor that is the best
-    of some object (ties included, IoU > 0) is a positive of the object it
+    of some object (ties included, IoU > 0, and at least low_quality_iou:
+    RetinaMask's floor on those claims) is a positive of the object it
     overlaps most."""
     from minimask.boxes import box_iou
     iou = box_iou(np.asarray(gt, float), np.asarray(anchors, float))
@@ -96,7 +97,8 @@ def _peers_matching(anchors, gt, pos_iou=0.5, neg_iou=0.4):
         v = iou[g_best, a]
         label = g_best if v >= pos_iou else (IGNORED if v >= neg_iou else NEGATIVE)
         for g in range(G):
-            if iou[g].max() > 0 and iou[g, a] == iou[g].max():
+            best = iou[g].max()
+            if best > 0 and best >= low_quality_iou and iou[g, a] == best:
                 label = g_best
         out.append(label)
     return np.array(out)

@@ -22,23 +22,6 @@ from tests.test_anchors import _peers_matching, random_crowded_scene
 from tests.test_model import micro_config
 
 
-def _thresholded_reference(anchors, gt, low_quality_iou, pos_iou=0.5, neg_iou=0.4):
-    """The peers' rule with a floor on the claims, as loops over anchors."""
-    iou = box_iou(np.asarray(gt, float), np.asarray(anchors, float))
-    G, A = iou.shape
-    out = []
-    for a in range(A):
-        g_best = int(np.argmax(iou[:, a]))
-        v = iou[g_best, a]
-        label = g_best if v >= pos_iou else (IGNORED if v >= neg_iou else NEGATIVE)
-        for g in range(G):
-            best = iou[g].max()
-            if best > 0 and best >= low_quality_iou and iou[g, a] == best:
-                label = g_best
-        out.append(label)
-    return np.array(out)
-
-
 def test_an_object_with_best_iou_0_3_claims_its_anchor_only_below_the_threshold():
     # anchor 10 x 10, object 10 x 3 inside it: IoU 30 / 100 = 0.3 exactly
     anchors = np.array([[0, 0, 10, 10.0], [50, 50, 60, 60.0]])
@@ -82,7 +65,7 @@ def test_threshold_zero_is_todays_rule_on_random_scenes(seed):
 def test_a_threshold_equals_the_loop_reference_on_random_scenes(seed, t):
     anchors, gt = random_crowded_scene(seed)
     m = match_anchors(anchors, gt, low_quality_iou=t)
-    np.testing.assert_array_equal(m, _thresholded_reference(anchors, gt, t))
+    np.testing.assert_array_equal(m, _peers_matching(anchors, gt, low_quality_iou=t))
     # a higher threshold never makes more positives
     assert np.count_nonzero(m >= 0) <= np.count_nonzero(match_anchors(anchors, gt) >= 0)
 
