@@ -1,29 +1,28 @@
-"""The matrix multiply of the ``"cpu"`` backend: BLAS, with minimask's own
-choice of threads.
+"""The matrix multiply of the ``"cpu"`` backend: BLAS, on minimask's threads.
 
-NumPy's ``@`` calls the OpenBLAS inside NumPy, whose worker threads spin for
-a while after every multiply, waiting for the next one (OpenBLAS's
-``THREAD_TIMEOUT``, read once when the library loads). Between two
-multiplies minimask runs its Numba kernels on all cores, and on a 2-core
-machine the spinning thread takes a core from them; NumPy's copy has loaded
-long before minimask runs, so its timeout cannot be changed.
-
-SciPy (a dependency) ships a second copy of OpenBLAS, which nothing loads
-until ``scipy.linalg`` is used. When that copy is not loaded yet, this
-module loads it with ``OPENBLAS_THREAD_TIMEOUT=4`` in the environment (its
-threads go to sleep at once) and restores the environment right after.
-Every call then sets the number of OpenBLAS threads for the calling thread
-only (``openblas_set_num_threads_local``): one thread when the multiply is
-small, Numba's thread count otherwise (``minimask._threads.gemm_threads``).
-OpenBLAS picks its kernels (AVX2, AVX-512, ...) for the CPU at load, unless
+Which BLAS. SciPy (a dependency) ships its own OpenBLAS, with a C interface
+(``scipy_cblas_sgemm``) that takes row strides and transpose flags, so a
+multiply needs no copies; this module calls it through ctypes. NumPy's
+``@`` is the fallback (``MINIMASK_BLAS=numpy``, or when SciPy's copy cannot
+be found: another BLAS vendor, another platform). OpenBLAS picks its
+kernels (AVX2, AVX-512, ...) for the CPU when it loads, unless
 ``OPENBLAS_CORETYPE`` says otherwise - a user's setting, left as it is
 (``info()`` reports the kernels in use).
 
-The one effect outside minimask: SciPy's own linear algebra, used later in
-the same process, runs on the same copy, so with threads that sleep at
-once. ``MINIMASK_BLAS=numpy`` turns all of this off (NumPy's ``@``
-everywhere); when SciPy's copy cannot be found (another BLAS vendor,
-another platform) the same happens.
+Which threads. OpenBLAS's own worker threads spin for a while after every
+multiply that used them, waiting for the next (its ``THREAD_TIMEOUT``, read
+once when the library loads; ``import numba`` already loads SciPy's copy,
+so minimask cannot set it), and on a 2-core machine a spinning thread takes
+a core from the Numba kernel or the multiply that runs next. So minimask
+asks OpenBLAS for one thread per call, always
+(``openblas_set_num_threads_local``, for the calling thread only), and runs
+a large multiply as shares of the output's columns (or rows) on its own
+threads, which sleep on a queue when idle (``minimask._threads.run_shares``;
+ctypes releases the GIL during the call, so the shares run at once). How
+many: ``minimask._threads.gemm_threads`` of the multiply's FLOPs.
+
+Nothing here changes the process: no environment variable, and OpenBLAS's
+own thread count for other callers (SciPy's linear algebra) is untouched.
 """
 from __future__ import annotations
 
@@ -51,8 +50,8 @@ def _scipy_openblas_path():
 
 
 def _load():
-    """Load SciPy's OpenBLAS as described in the module docstring; returns the
-    state dict (``lib`` None when NumPy's ``@`` is to be used)."""
+    """Find SciPy's OpenBLAS and its functions; returns the state dict
+    (``lib`` None when NumPy's ``@`` is to be used)."""
     state = {"lib": None, "path": None, "coretype": None, "why": ""}
     if os.environ.get("MINIMASK_BLAS", "").lower() == "numpy":
         state["why"] = "MINIMASK_BLAS=numpy"
@@ -62,26 +61,10 @@ def _load():
         state["why"] = "SciPy's OpenBLAS not found"
         return state
     try:
-        with open("/proc/self/maps") as f:
-            already = os.path.basename(path) in f.read()
-    except OSError:                 # not Linux: assume someone may have loaded it
-        already = True
-    changes = {}
-    if not already and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
-        changes["OPENBLAS_THREAD_TIMEOUT"] = "4"
-    saved = {k: os.environ.get(k) for k in changes}
-    os.environ.update(changes)
-    try:
         lib = ctypes.CDLL(path)
     except OSError as exc:
         state["why"] = f"could not load {path}: {exc}"
         return state
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         sgemm, dgemm = lib.scipy_cblas_sgemm, lib.scipy_cblas_dgemm
         set_local = lib.openblas_set_num_threads_local
@@ -96,8 +79,7 @@ def _load():
     set_local.argtypes, set_local.restype = [i], i
     corename.restype = ctypes.c_char_p
     state.update(lib=lib, path=path, sgemm=sgemm, dgemm=dgemm, set_local=set_local,
-                 coretype=corename().decode(), why="loaded" if not already else
-                 "already loaded by someone else: its thread timeout as it was")
+                 coretype=corename().decode(), why="loaded")
     return state
 
 
@@ -111,12 +93,15 @@ def info() -> dict:
             "path": _state["path"], "coretype": _state["coretype"], "why": _state["why"]}
 
 
-def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
+def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, threads=None):
     """``op(a) @ op(b)`` on the host, into ``out`` when given (``out +=`` when
     ``accumulate``). a and b are 2-D float32 or float64 arrays of one dtype
     whose last axis is contiguous (row-major views with any row stride);
-    the caller checks shapes. Threads: ``_threads.gemm_threads`` of the
-    multiply's FLOPs."""
+    the caller checks shapes. Threads: ``threads`` when given, else
+    ``_threads.gemm_threads`` of the multiply's FLOPs; with more than one,
+    the columns of ``out`` (or its rows, when it has more rows) are split
+    between minimask's threads (``_threads.run_shares``), each share one
+    OpenBLAS call on one OpenBLAS thread."""
     global _state
     if _state is None:
         _state = _load()
@@ -139,13 +124,35 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
         return out
     fn = _state["sgemm"] if a.dtype == np.float32 else _state["dgemm"]
     item = a.itemsize
-    threads = _threads.gemm_threads(2.0 * M * N * K)
-    previous = _state["set_local"](threads)
-    try:
-        fn(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
-           M, N, K, 1.0, a.ctypes.data, a.strides[0] // item, b.ctypes.data,
-           b.strides[0] // item, 1.0 if accumulate else 0.0, out.ctypes.data,
-           out.strides[0] // item)
-    finally:
-        _state["set_local"](previous)
+    beta = 1.0 if accumulate else 0.0
+    ta, tb = (_TRANS if trans_a else _NO_TRANS), (_TRANS if trans_b else _NO_TRANS)
+    lda, ldb, ldc = a.strides[0] // item, b.strides[0] // item, out.strides[0] // item
+    pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
+    set_local = _state["set_local"]
+    # Output columns per share (or rows, when there are more rows): whole
+    # cache lines of out, so two threads never write one line.
+    by_cols = N >= M
+    unit = max(1, 64 // item)
+
+    def share(lo, hi):
+        # A share of out: rows (or columns) lo*unit .. hi*unit, on one OpenBLAS thread.
+        r0, r1 = lo * unit, min(hi * unit, N if by_cols else M)
+        if r1 <= r0:
+            return
+        previous = set_local(1)
+        try:
+            if by_cols:     # out[:, r0:r1] = op(a) @ op(b)[:, r0:r1]
+                off_b = (r0 * ldb if trans_b else r0) * item
+                fn(_ROW_MAJOR, ta, tb, M, r1 - r0, K, 1.0, pa, lda, pb + off_b, ldb, beta,
+                   pc + r0 * item, ldc)
+            else:           # out[r0:r1] = op(a)[r0:r1] @ op(b)
+                off_a = (r0 if trans_a else r0 * lda) * item
+                fn(_ROW_MAJOR, ta, tb, r1 - r0, N, K, 1.0, pa + off_a, lda, pb, ldb, beta,
+                   pc + r0 * ldc * item, ldc)
+        finally:
+            set_local(previous)
+
+    if threads is None:
+        threads = _threads.gemm_threads(2.0 * M * N * K)
+    _threads.run_shares(share, -(-(N if by_cols else M) // unit), threads)
     return out

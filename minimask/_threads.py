@@ -29,7 +29,10 @@ and the tests use it), no user needs to.
 from __future__ import annotations
 
 import functools
+import os
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -118,3 +121,47 @@ def parallel_kernel(fn=None, *, work=None, **options):
     if fn is None:
         return lambda f: ParallelKernel(f, work, options)
     return ParallelKernel(fn, work, options)
+
+
+# ----------------------------------------------------------------------
+# minimask's own threads for BLAS work
+# ----------------------------------------------------------------------
+#
+# OpenBLAS's worker threads spin for a while after each multiply (its
+# THREAD_TIMEOUT, read when the library loads - and ``import numba`` loads
+# SciPy's copy, long before minimask could set it), and a spinning thread
+# takes a core from whatever runs next. So minimask never asks OpenBLAS for
+# more than one thread: it splits a multiply (or a batch of them) into
+# shares and runs them on these threads, which sleep on a queue when idle.
+# BLAS calls through ctypes release the GIL, so the shares run at once.
+
+_POOL = {"pid": None, "workers": 0, "executor": None}
+_POOL_LOCK = threading.Lock()
+
+
+def _executor(workers):
+    """A pool of at least ``workers`` threads, created lazily in this
+    process (a pool inherited through fork has no threads behind it)."""
+    with _POOL_LOCK:
+        if _POOL["pid"] != os.getpid() or _POOL["workers"] < workers:
+            _POOL.update(pid=os.getpid(), workers=workers,
+                         executor=ThreadPoolExecutor(workers, thread_name_prefix="minimask"))
+        return _POOL["executor"]
+
+
+def run_shares(share, n_items, threads):
+    """``share(lo, hi)`` over ``range(n_items)`` split into ``threads``
+    contiguous parts of (nearly) equal size: the first on this thread, the
+    others on the pool, all at once; returns when all are done."""
+    threads = max(1, min(threads, n_items))
+    if threads == 1:
+        share(0, n_items)
+        return
+    bounds = [n_items * i // threads for i in range(threads + 1)]
+    pool = _executor(threads - 1)
+    futures = [pool.submit(share, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    try:
+        share(bounds[0], bounds[1])
+    finally:
+        for fut in futures:
+            fut.result()

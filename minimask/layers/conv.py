@@ -102,12 +102,17 @@ from minimask._checks import (check_float_array, check_nonnegative_int, check_po
 from minimask._cuda import THREADS_PER_BLOCK, blocks_for, cuda, nchw_of_cuda
 from minimask._threads import parallel_kernel
 from minimask.backend import CPU, CUDA, NUMPY, current_backend
+from minimask.layers import winograd
 
 # The geometry of one convolution: an "image" (N, C, H, W), read through a
 # (kh, kw) window with stride (sh, sw) and padding (ph, pw), giving a grid of
 # (OH, OW) window positions. For conv2d the image is the input x; for the
 # transposed convolution it is the output.
 Geometry = namedtuple("Geometry", "N C H W kh kw sh sw ph pw OH OW")
+
+# What a conv2d cache holds in place of ``cols`` when the forward went
+# through Winograd: the transformed weights U (16, F, C) and input V (16, C, T).
+WinogradCache = namedtuple("WinogradCache", "U V")
 
 
 # --------------------------------------------------------------------------
@@ -469,20 +474,23 @@ def block_columns(rows, itemsize):
 _WORKSPACE = threading.local()
 
 
-def _workspace(size, dtype):
+def _workspace(size, dtype, key="dcols"):
     """A flat scratch array of at least ``size`` elements of ``dtype``, kept
-    between calls (one per dtype and Python thread, grown when a larger one
-    is asked for). What it holds is valid until the next call."""
+    between calls (one per key, dtype and Python thread, grown when a larger
+    one is asked for). What it holds is valid until the next call with the
+    same key."""
     dtype = np.dtype(dtype)
     buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
-    buf = buffers.get(dtype)
+    buf = buffers.get((key, dtype))
     if buf is None or buf.size < size:
-        buf = buffers[dtype] = np.empty(size, dtype=dtype)
+        buf = buffers[(key, dtype)] = np.empty(size, dtype=dtype)
     return buf[:size]
 
 
 class _CpuOps:
     """Numba kernels for the data movement, BLAS for the multiply."""
+
+    winograd = True     # conv2d takes 3x3 stride-1 layers through winograd.py
 
     @staticmethod
     def im2col(x, g):
@@ -876,6 +884,11 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
     d_x, d_w, d_b = be.asarray(x), be.asarray(w), be.asarray(b)
 
     W2 = ops.weight_matrix(d_w)                      # (F, C kh kw)
+    if getattr(ops, "winograd", False) and winograd.applies(g):
+        # 3x3, stride 1 on the "cpu" backend: 16 smaller multiplies (winograd.py)
+        out, transformed = winograd.forward(d_x, d_w, d_b, g, _workspace)
+        cache = (be, WinogradCache(*transformed), W2, d_w, b is not None, g)
+        return be.output(out, x), cache
     out2, cols = ops.conv_forward(d_x, W2, g)        # W2 @ cols: (F, N OH OW)
     out = ops.from_rows(out2, d_b, N, OH, OW)        # (N, F, OH, OW) + b
     cache = (be, cols, W2, d_w, b is not None, g)
@@ -899,6 +912,10 @@ def conv2d_backward(dout, cache):
     dout = _check_dout(dout, (g.N, F, g.OH, g.OW), W2.dtype)
     ops = be.op("conv.ops")
     d_dout = be.asarray(dout)
+    if isinstance(cols, WinogradCache):                      # the forward went through Winograd
+        dx, dw = winograd.backward(d_dout, cols, g, _workspace)
+        db = ops.bias_grad(d_dout) if has_bias else None
+        return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
 
     dout2 = ops.to_rows(d_dout)                              # (F, N OH OW)
     dw = ops.like_weight(ops.matmul(dout2, cols, trans_b=True), w)

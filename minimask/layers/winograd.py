@@ -1,0 +1,514 @@
+r"""Winograd's minimal filtering, F(2x2, 3x3): a 3x3 stride-1 convolution in
+16 small matrix multiplies instead of one big one with 2.25x the FLOPs.
+
+Lavin and Gray ("Fast Algorithms for Convolutional Neural Networks", 2016)
+brought Winograd's 1980 result to CNNs; cuDNN, oneDNN and NNPACK use it for
+3x3 layers. The idea, in one dimension first: two outputs of a 3-tap
+correlation,
+
+    y0 = d0 g0 + d1 g1 + d2 g2,     y1 = d1 g0 + d2 g1 + d3 g2,
+
+take 6 multiplies done directly, but only 4 this way:
+
+    m0 = (d0 - d2) g0                 m1 = (d1 + d2) (g0 + g1 + g2) / 2
+    m3 = (d1 - d3) g2                 m2 = (d2 - d1) (g0 - g1 + g2) / 2
+    y0 = m0 + m1 + m2,                y1 = m1 - m2 - m3.
+
+In matrices, ``y = A^T [(G g) * (B^T d)]`` with ``*`` element by element:
+
+    B^T = [[1,  0, -1,  0],     G = [[1,    0,   0],     A^T = [[1, 1,  1,  0],
+           [0,  1,  1,  0],          [1/2, 1/2, 1/2],            [0, 1, -1, -1]]
+           [0, -1,  1,  0],          [1/2,-1/2, 1/2],
+           [0,  1,  0, -1]]          [0,    0,   1]]
+
+Nesting it along both axes gives a 2x2 output tile from a 4x4 input tile d
+(the tiles overlap by 2 pixels) and the 3x3 filter g:
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A                                  (W1)
+
+16 multiplies for 4 outputs, against 36. A convolution sums this over the
+input channels, and the sum can be taken before the (linear) output
+transform. Number the 16 positions of a 4x4 tile by xi, the tiles by t =
+(n, ty, tx), and write
+
+    U[xi, f, c] = (G w[f, c] G^T)[xi]        the filter transform    (16, F, C)
+    V[xi, c, t] = (B^T d[c, t] B)[xi]        the input transform     (16, C, T)
+    M[xi] = U[xi] @ V[xi]                    16 matrix multiplies    (16, F, T)
+    y[n, f, tile t] = A^T M[:, f, t] A + b[f]  the output transform      (W2)
+
+so the FLOPs sit in 16 multiplies of (F x C) by (C x T), where T = N *
+ceil(OH / 2) * ceil(OW / 2): 16 * 2 F C T = 8 F C N OH OW, against
+18 F C N OH OW for im2col's one multiply (``conv.py``).
+
+Backward. Every stage of (W2) is linear, so the gradient of each is its
+adjoint (transpose), taken in reverse order:
+
+    dM[:, f, t] = A dY[f, t] A^T             2x2 -> 4x4 (a tile cut by the
+                                              border gets zeros there)
+    dU[xi] = dM[xi] @ V[xi]^T                dV[xi] = U[xi]^T @ dM[xi]
+    dw[f, c] = G^T dU[:, f, c] G             4x4 -> 3x3
+    dx += B dV[:, c, t] B^T                  each 4x4 tile added back where
+                                              it was read (tiles overlap)
+    db[f] = sum of dY[:, f]
+
+The same 16 multiplies, three times: the whole layer costs 8/18 = 0.44 of
+im2col's FLOPs, forward and backward. This is the exact gradient of (W2),
+which computes the convolution exactly in real arithmetic; in floating point
+the sums run in another order (and go through ``G``'s halves), so the
+results differ from im2col's by round-off: float64 ~1e-15, float32 ~1e-6
+relative.
+
+What is here:
+
+* ``transform_matrices``, ``winograd_conv2d_numpy`` and
+  ``winograd_conv2d_backward_numpy``: (W1)-(W2) and their adjoints in plain
+  NumPy, the readable reference.
+* Numba kernels for the transforms (``"cpu"`` backend), each written out
+  for F(2x2, 3x3) with the matrices above, parallel over channels (or over
+  (n, c) planes for the scatter-add of ``dx``, so no two iterations write
+  one element), and the 16 multiplies through BLAS; with more than one
+  thread the 16 are shared out between threads, each multiply on one.
+* ``forward`` / ``backward``: what ``conv2d_forward`` / ``conv2d_backward``
+  call on the ``"cpu"`` backend when ``applies(geometry)``: a 3x3 kernel,
+  stride 1, at least ``MIN_CHANNELS`` in and out, algorithm ``"auto"``.
+  ``set_algorithm("im2col")`` (or ``MINIMASK_CONV=im2col`` in the
+  environment) turns it off; ``algorithm("im2col")`` does so for a
+  ``with`` block.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+from numba import njit, prange
+
+from minimask import _blas, _threads
+from minimask._threads import parallel_kernel
+
+# ----------------------------------------------------------------------
+# When it is used
+# ----------------------------------------------------------------------
+
+ALGORITHMS = ("auto", "im2col")
+_algorithm = os.environ.get("MINIMASK_CONV", "auto").strip().lower() or "auto"
+if _algorithm not in ALGORITHMS:
+    raise ValueError(f"MINIMASK_CONV must be one of {ALGORITHMS}, got {_algorithm!r}")
+
+# Fewer channels than this on either side and the 16 multiplies are too thin
+# to run at BLAS speed (the 3-channel stem: K = 3); im2col then.
+MIN_CHANNELS = 8
+
+
+def set_algorithm(name: str) -> str:
+    """``"auto"`` (Winograd where ``applies``) or ``"im2col"`` (never);
+    returns the previous setting."""
+    global _algorithm
+    if name not in ALGORITHMS:
+        raise ValueError(f"the conv algorithm must be one of {ALGORITHMS}, got {name!r}")
+    old, _algorithm = _algorithm, name
+    return old
+
+
+def get_algorithm() -> str:
+    return _algorithm
+
+
+@contextlib.contextmanager
+def algorithm(name: str):
+    """``with algorithm("im2col"): ...`` - the setting for a block."""
+    old = set_algorithm(name)
+    try:
+        yield
+    finally:
+        set_algorithm(old)
+
+
+def applies(g) -> bool:
+    """Whether the ``"cpu"`` conv2d takes this geometry (``conv.Geometry``)
+    through Winograd."""
+    return (_algorithm == "auto" and g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1
+            and g.C >= MIN_CHANNELS and g.ph <= 2 and g.pw <= 2)
+
+
+# ----------------------------------------------------------------------
+# NumPy reference
+# ----------------------------------------------------------------------
+
+def transform_matrices(dtype=np.float64):
+    """``(BT, G, AT)`` of F(2x2, 3x3): shapes (4, 4), (4, 3), (2, 4)."""
+    BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=dtype)
+    G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=dtype)
+    AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=dtype)
+    return BT, G, AT
+
+
+def tiles_of(OH, OW):
+    """Tiles per image along each axis: ``(ceil(OH / 2), ceil(OW / 2))``."""
+    return (OH + 1) // 2, (OW + 1) // 2
+
+
+def input_tiles_numpy(x, ph, pw):
+    """``d[n, c, ty, tx]``: the 4x4 input tiles, (N, C, TH, TW, 4, 4), read
+    from x padded with zeros (``ph`` / ``pw`` on the leading side, and as
+    many as the last tile needs on the trailing side)."""
+    N, C, H, W = x.shape
+    OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
+    TH, TW = tiles_of(OH, OW)
+    xpad = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=x.dtype)
+    xpad[:, :, ph:ph + H, pw:pw + W] = x
+    d = np.empty((N, C, TH, TW, 4, 4), dtype=x.dtype)
+    for a in range(4):
+        for b in range(4):
+            d[..., a, b] = xpad[:, :, a:a + 2 * TH:2, b:b + 2 * TW:2]
+    return d, xpad
+
+
+def winograd_conv2d_numpy(x, w, b=None, padding=1):
+    """(W1)-(W2) in NumPy: ``conv2d(x, w, b, stride=1, padding)`` for a 3x3
+    ``w``. Returns ``(out, (U, V))`` with U (16, F, C) and V (16, C, T)."""
+    ph, pw = (padding, padding) if np.isscalar(padding) else padding
+    BT, G, AT = (m.astype(x.dtype) for m in transform_matrices())
+    N, C, H, W = x.shape
+    F = w.shape[0]
+    OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
+    TH, TW = tiles_of(OH, OW)
+    d, _ = input_tiles_numpy(x, ph, pw)
+    U = np.einsum("ai,fcij,bj->abfc", G, w, G).reshape(16, F, C)            # G g G^T
+    V = np.einsum("ia,nctuab,jb->ijcntu", BT, d, BT).reshape(16, C, N * TH * TW)
+    M = np.matmul(U, V)                                                    # (16, F, T)
+    Y = np.einsum("ai,ijfntu,bj->nftaub", AT, M.reshape(4, 4, F, N, TH, TW), AT)
+    out = Y.reshape(N, F, 2 * TH, 2 * TW)[:, :, :OH, :OW]
+    if b is not None:
+        out = out + b.reshape(1, F, 1, 1)
+    return np.ascontiguousarray(out), (U, V)
+
+
+def winograd_conv2d_backward_numpy(dout, x_shape, U, V, padding=1):
+    """The adjoints of (W2) in NumPy: ``(dx, dw, db)``."""
+    ph, pw = (padding, padding) if np.isscalar(padding) else padding
+    BT, G, AT = (m.astype(dout.dtype) for m in transform_matrices())
+    N, C, H, W = x_shape
+    F, OH, OW = dout.shape[1:]
+    TH, TW = tiles_of(OH, OW)
+    dY = np.zeros((N, F, 2 * TH, 2 * TW), dtype=dout.dtype)
+    dY[:, :, :OH, :OW] = dout
+    dY = dY.reshape(N, F, TH, 2, TW, 2)
+    dM = np.einsum("ai,nftaub,bj->ijfntu", AT, dY, AT).reshape(16, F, N * TH * TW)  # A dY A^T
+    dU = np.matmul(dM, V.transpose(0, 2, 1))                          # (16, F, C)
+    dV = np.matmul(U.transpose(0, 2, 1), dM)                          # (16, C, T)
+    dw = np.einsum("ai,abfc,bj->fcij", G, dU.reshape(4, 4, F, C), G)  # G^T dU G
+    dd = np.einsum("ia,ijcntu,jb->nctuab", BT, dV.reshape(4, 4, C, N, TH, TW), BT)  # B dV B^T
+    dxpad = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=dout.dtype)
+    for a in range(4):
+        for b in range(4):
+            dxpad[:, :, a:a + 2 * TH:2, b:b + 2 * TW:2] += dd[..., a, b]
+    dx = np.ascontiguousarray(dxpad[:, :, ph:ph + H, pw:pw + W])
+    return dx, dw, dout.sum(axis=(0, 2, 3))
+
+
+# ----------------------------------------------------------------------
+# Numba kernels: the transforms written out for F(2x2, 3x3)
+# ----------------------------------------------------------------------
+
+@njit(inline="always", cache=True)
+def _bt(d0, d1, d2, d3):
+    """B^T times a 4-vector."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+@njit(inline="always", cache=True)
+def _b(v0, v1, v2, v3):
+    """B times a 4-vector (the adjoint of ``_bt``)."""
+    return v0, v1 - v2 + v3, v1 + v2 - v0, -v3
+
+
+@njit(inline="always", cache=True)
+def _at(m0, m1, m2, m3):
+    """A^T times a 4-vector."""
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+@njit(inline="always", cache=True)
+def _a(y0, y1):
+    """A times a 2-vector (the adjoint of ``_at``)."""
+    return y0, y0 + y1, y0 - y1, -y1
+
+
+@parallel_kernel
+def _input_transform_cpu(xpad, V, TH, TW):
+    """V[xi, c, t] = (B^T d[c, t] B)[xi], d the 4x4 tile of ``xpad`` at
+    (2 ty, 2 tx). ``xpad`` is the input with its zero padding on (and room
+    for the last tile), so no tile needs a bounds check."""
+    N, C = xpad.shape[0], xpad.shape[1]
+    for c in prange(C):
+        for n in range(N):
+            for ty in range(TH):
+                h = 2 * ty
+                t0 = (n * TH + ty) * TW
+                for tx in range(TW):
+                    v = 2 * tx
+                    t = t0 + tx
+                    # B^T d: the tile's 4 rows combined, one column at a time
+                    r00, r10, r20, r30 = _bt(xpad[n, c, h, v], xpad[n, c, h + 1, v],
+                                             xpad[n, c, h + 2, v], xpad[n, c, h + 3, v])
+                    r01, r11, r21, r31 = _bt(xpad[n, c, h, v + 1], xpad[n, c, h + 1, v + 1],
+                                             xpad[n, c, h + 2, v + 1], xpad[n, c, h + 3, v + 1])
+                    r02, r12, r22, r32 = _bt(xpad[n, c, h, v + 2], xpad[n, c, h + 1, v + 2],
+                                             xpad[n, c, h + 2, v + 2], xpad[n, c, h + 3, v + 2])
+                    r03, r13, r23, r33 = _bt(xpad[n, c, h, v + 3], xpad[n, c, h + 1, v + 3],
+                                             xpad[n, c, h + 2, v + 3], xpad[n, c, h + 3, v + 3])
+                    # (B^T d) B: the 4 columns of each row combined
+                    V[0, c, t], V[1, c, t], V[2, c, t], V[3, c, t] = _bt(r00, r01, r02, r03)
+                    V[4, c, t], V[5, c, t], V[6, c, t], V[7, c, t] = _bt(r10, r11, r12, r13)
+                    V[8, c, t], V[9, c, t], V[10, c, t], V[11, c, t] = _bt(r20, r21, r22, r23)
+                    V[12, c, t], V[13, c, t], V[14, c, t], V[15, c, t] = _bt(r30, r31, r32, r33)
+
+
+@parallel_kernel
+def _output_transform_cpu(M, b, has_bias, out):
+    """out[n, f, 2 ty + a, 2 tx + b] = (A^T M[:, f, t] A)[a, b] + b[f]. ``out``
+    is (N, F, 2 TH, 2 TW): the caller crops a last row or column of tiles
+    that passes the border."""
+    N, F, OH2, OW2 = out.shape
+    TH, TW = OH2 // 2, OW2 // 2
+    for f in prange(F):
+        shift = b[f] if has_bias else M[0, 0, 0] * 0
+        for n in range(N):
+            for ty in range(TH):
+                h = 2 * ty
+                t0 = (n * TH + ty) * TW
+                for tx in range(TW):
+                    v = 2 * tx
+                    t = t0 + tx
+                    # A^T M: the 4 rows of the 4x4 tile combined, per column
+                    s00, s10 = _at(M[0, f, t], M[4, f, t], M[8, f, t], M[12, f, t])
+                    s01, s11 = _at(M[1, f, t], M[5, f, t], M[9, f, t], M[13, f, t])
+                    s02, s12 = _at(M[2, f, t], M[6, f, t], M[10, f, t], M[14, f, t])
+                    s03, s13 = _at(M[3, f, t], M[7, f, t], M[11, f, t], M[15, f, t])
+                    # (A^T M) A: the 4 columns of each of its 2 rows combined
+                    y00, y01 = _at(s00, s01, s02, s03)
+                    y10, y11 = _at(s10, s11, s12, s13)
+                    out[n, f, h, v] = y00 + shift
+                    out[n, f, h, v + 1] = y01 + shift
+                    out[n, f, h + 1, v] = y10 + shift
+                    out[n, f, h + 1, v + 1] = y11 + shift
+
+
+@parallel_kernel
+def _output_adjoint_cpu(dout, dM):
+    """dM[:, f, t] = A dY A^T, dY the 2x2 tile of ``dout`` at (2 ty, 2 tx).
+    ``dout`` is (N, F, 2 TH, 2 TW): the caller pads it with zeros when the
+    output has an odd size."""
+    N, F, OH2, OW2 = dout.shape
+    TH, TW = OH2 // 2, OW2 // 2
+    for f in prange(F):
+        for n in range(N):
+            for ty in range(TH):
+                h = 2 * ty
+                t0 = (n * TH + ty) * TW
+                for tx in range(TW):
+                    v = 2 * tx
+                    t = t0 + tx
+                    # A dY: the 4 rows of the 4x4 from dY's 2 rows, per column
+                    a00, a10, a20, a30 = _a(dout[n, f, h, v], dout[n, f, h + 1, v])
+                    a01, a11, a21, a31 = _a(dout[n, f, h, v + 1], dout[n, f, h + 1, v + 1])
+                    # (A dY) A^T: each row's 2 entries spread over 4
+                    dM[0, f, t], dM[1, f, t], dM[2, f, t], dM[3, f, t] = _a(a00, a01)
+                    dM[4, f, t], dM[5, f, t], dM[6, f, t], dM[7, f, t] = _a(a10, a11)
+                    dM[8, f, t], dM[9, f, t], dM[10, f, t], dM[11, f, t] = _a(a20, a21)
+                    dM[12, f, t], dM[13, f, t], dM[14, f, t], dM[15, f, t] = _a(a30, a31)
+
+
+@njit(inline="always", cache=True)
+def _add_row(plane, h, v, e0, e1, e2, e3):
+    """Row ``h`` of a tile: ``B`` times the row's 4 entries, added at v .. v + 3."""
+    k0, k1, k2, k3 = _b(e0, e1, e2, e3)
+    plane[h, v] += k0
+    plane[h, v + 1] += k1
+    plane[h, v + 2] += k2
+    plane[h, v + 3] += k3
+
+
+@parallel_kernel
+def _input_adjoint_cpu(dV, dx, ph, pw, TH, TW):
+    """dx = sum over tiles of B dV[:, c, t] B^T, added where the tile was read,
+    then the padding dropped. Parallel over (n, c) planes: a plane's tiles are
+    all added by one iteration (into its own padded scratch plane), so the
+    overlapping tiles never race."""
+    N, C, H, W = dx.shape
+    for nc in prange(N * C):
+        n = nc // C
+        c = nc % C
+        plane = np.zeros((2 * TH + 2, 2 * TW + 2), dtype=dx.dtype)
+        for ty in range(TH):
+            h = 2 * ty
+            t0 = (n * TH + ty) * TW
+            for tx in range(TW):
+                v = 2 * tx
+                t = t0 + tx
+                # B dV: the 4 rows of the 4x4 combined, per column
+                e00, e10, e20, e30 = _b(dV[0, c, t], dV[4, c, t], dV[8, c, t], dV[12, c, t])
+                e01, e11, e21, e31 = _b(dV[1, c, t], dV[5, c, t], dV[9, c, t], dV[13, c, t])
+                e02, e12, e22, e32 = _b(dV[2, c, t], dV[6, c, t], dV[10, c, t], dV[14, c, t])
+                e03, e13, e23, e33 = _b(dV[3, c, t], dV[7, c, t], dV[11, c, t], dV[15, c, t])
+                # (B dV) B^T, row by row, added into the tile's 16 pixels
+                _add_row(plane, h, v, e00, e01, e02, e03)
+                _add_row(plane, h + 1, v, e10, e11, e12, e13)
+                _add_row(plane, h + 2, v, e20, e21, e22, e23)
+                _add_row(plane, h + 3, v, e30, e31, e32, e33)
+        for h in range(H):
+            for v in range(W):
+                dx[n, c, h, v] = plane[h + ph, v + pw]
+
+
+@njit(inline="always", cache=True)
+def _g(w0, w1, w2):
+    """G times a 3-vector."""
+    return w0, (w0 + w1 + w2) * 0.5, (w0 - w1 + w2) * 0.5, w2
+
+
+@njit(inline="always", cache=True)
+def _gt(u0, u1, u2, u3):
+    """G^T times a 4-vector (the adjoint of ``_g``)."""
+    return u0 + (u1 + u2) * 0.5, (u1 - u2) * 0.5, (u1 + u2) * 0.5 + u3
+
+
+@njit(cache=True)
+def _filter_transform_cpu(w, U):
+    """U[:, f, c] = G w[f, c] G^T, its 4x4 entries row by row."""
+    F, C = w.shape[0], w.shape[1]
+    for f in range(F):
+        for c in range(C):
+            # G w: one column of the 3x3 at a time, giving the (4, 3) product
+            a0, a1, a2, a3 = _g(w[f, c, 0, 0], w[f, c, 1, 0], w[f, c, 2, 0])
+            b0, b1, b2, b3 = _g(w[f, c, 0, 1], w[f, c, 1, 1], w[f, c, 2, 1])
+            c0, c1, c2, c3 = _g(w[f, c, 0, 2], w[f, c, 1, 2], w[f, c, 2, 2])
+            # (G w) G^T: each of its 4 rows times G^T
+            U[0, f, c], U[1, f, c], U[2, f, c], U[3, f, c] = _g(a0, b0, c0)
+            U[4, f, c], U[5, f, c], U[6, f, c], U[7, f, c] = _g(a1, b1, c1)
+            U[8, f, c], U[9, f, c], U[10, f, c], U[11, f, c] = _g(a2, b2, c2)
+            U[12, f, c], U[13, f, c], U[14, f, c], U[15, f, c] = _g(a3, b3, c3)
+
+
+@njit(cache=True)
+def _filter_adjoint_cpu(dU, dw):
+    """dw[f, c] = G^T dU[:, f, c] G."""
+    F, C = dw.shape[0], dw.shape[1]
+    for f in range(F):
+        for c in range(C):
+            # dU G: each of the 4 rows of dU times G, giving (4, 3)
+            a0, a1, a2 = _gt(dU[0, f, c], dU[1, f, c], dU[2, f, c], dU[3, f, c])
+            b0, b1, b2 = _gt(dU[4, f, c], dU[5, f, c], dU[6, f, c], dU[7, f, c])
+            c0, c1, c2 = _gt(dU[8, f, c], dU[9, f, c], dU[10, f, c], dU[11, f, c])
+            d0, d1, d2 = _gt(dU[12, f, c], dU[13, f, c], dU[14, f, c], dU[15, f, c])
+            # G^T (dU G): one column at a time
+            dw[f, c, 0, 0], dw[f, c, 1, 0], dw[f, c, 2, 0] = _gt(a0, b0, c0, d0)
+            dw[f, c, 0, 1], dw[f, c, 1, 1], dw[f, c, 2, 1] = _gt(a1, b1, c1, d1)
+            dw[f, c, 0, 2], dw[f, c, 1, 2], dw[f, c, 2, 2] = _gt(a2, b2, c2, d2)
+
+
+# ----------------------------------------------------------------------
+# The 16 multiplies
+# ----------------------------------------------------------------------
+
+def batched_gemm(a, b, out, trans_a=False, trans_b=False):
+    """``out[k] = op(a[k]) @ op(b[k])`` for every k, through BLAS.
+
+    The k are split into as many contiguous shares as
+    ``minimask._threads.gemm_threads`` gives for the whole batch's FLOPs,
+    one per thread (``_threads.run_shares``), and each multiply runs whole
+    on one thread: no thread waits on another inside a multiply."""
+    K = a.shape[0]
+    M, inner = (a.shape[2], a.shape[1]) if trans_a else a.shape[1:]
+    N = b.shape[1] if trans_b else b.shape[2]
+    threads = _threads.gemm_threads(2.0 * M * N * inner * K)
+
+    def share(lo, hi):
+        for k in range(lo, hi):
+            _blas.gemm(a[k], b[k], trans_a, trans_b, out=out[k], threads=1)
+
+    _threads.run_shares(share, K, threads)
+    return out
+
+
+# ----------------------------------------------------------------------
+# The layer on the "cpu" backend
+# ----------------------------------------------------------------------
+
+def planes(buffer, K, R, T):
+    """A (K, R, T) view of flat ``buffer`` whose K planes start 64 bytes past a
+    multiple of 4 KiB from each other. The transforms write (or read) all 16
+    planes at once, one element each per tile; planes exactly a multiple of
+    4 KiB apart (64 x 1024 float32, say) fall on the same cache sets and
+    evict each other, which made the transforms 3-8x slower. Each plane is
+    an ordinary row-major (R, T) matrix for BLAS."""
+    item = buffer.itemsize
+    return np.lib.stride_tricks.as_strided(buffer, (K, R, T),
+                                           (plane_stride(R, T, item) * item, T * item, item))
+
+
+def plane_stride(R, T, itemsize):
+    """Elements from one plane of ``planes`` to the next."""
+    return (-(-R * T * itemsize // 4096) * 4096 + 64) // itemsize
+
+
+def _pad_input(x, g, TH, TW):
+    """x with its zero padding, (N, C, 2 TH + 2, 2 TW + 2): room for every tile."""
+    N, C, H, W = x.shape
+    xpad = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=x.dtype)
+    xpad[:, :, g.ph:g.ph + H, g.pw:g.pw + W] = x
+    return xpad
+
+
+def forward(x, w, b, g, workspace):
+    """conv2d of ``x`` (N, C, H, W) by 3x3 ``w`` (F, C, 3, 3), stride 1,
+    padding ``(g.ph, g.pw)``. Returns ``(out, (U, V))``: the cache holds the
+    transformed weights and input (16 F C + 4 C N OH OW numbers, about 4/9
+    of im2col's ``cols``). ``workspace(size, dtype, key)`` gives scratch
+    arrays kept between calls (``conv._workspace``)."""
+    N, C, H, W = x.shape
+    F = w.shape[0]
+    TH, TW = tiles_of(g.OH, g.OW)
+    T = N * TH * TW
+    dt = x.dtype
+    U = np.empty((16, F, C), dtype=dt)
+    _filter_transform_cpu(np.ascontiguousarray(w), U)
+    V = planes(np.empty(16 * plane_stride(C, T, dt.itemsize), dtype=dt), 16, C, T)
+    _input_transform_cpu(_pad_input(x, g, TH, TW), V, TH, TW)
+    M = planes(workspace(16 * plane_stride(F, T, dt.itemsize), dt, "winograd.M"), 16, F, T)
+    batched_gemm(U, V, M)
+    bias = b if b is not None else np.zeros(1, dtype=dt)
+    full = (2 * TH, 2 * TW) == (g.OH, g.OW)
+    out = np.empty((N, F, 2 * TH, 2 * TW), dtype=dt)
+    _output_transform_cpu(M, np.ascontiguousarray(bias), b is not None, out)
+    if not full:                         # an odd size: the last tiles overhang
+        out = np.ascontiguousarray(out[:, :, :g.OH, :g.OW])
+    return out, (U, V)
+
+
+def backward(dout, UV, g, workspace):
+    """``(dx, dw)`` of ``forward`` (the bias gradient is the caller's: it
+    does not depend on the algorithm)."""
+    U, V = UV
+    F, C = U.shape[1], U.shape[2]
+    N = g.N
+    TH, TW = tiles_of(g.OH, g.OW)
+    T = N * TH * TW
+    dt = dout.dtype
+    if (2 * TH, 2 * TW) == (g.OH, g.OW):
+        dY = np.ascontiguousarray(dout)
+    else:                                # zeros where the last tiles overhang
+        dY = np.zeros((N, F, 2 * TH, 2 * TW), dtype=dt)
+        dY[:, :, :g.OH, :g.OW] = dout
+    dM = planes(workspace(16 * plane_stride(F, T, dt.itemsize), dt, "winograd.dM"), 16, F, T)
+    _output_adjoint_cpu(dY, dM)
+    dU = np.empty((16, F, C), dtype=dt)
+    batched_gemm(dM, V, dU, trans_b=True)
+    dV = planes(workspace(16 * plane_stride(C, T, dt.itemsize), dt, "winograd.dV"), 16, C, T)
+    batched_gemm(U, dM, dV, trans_a=True)
+    dx = np.empty((N, C, g.H, g.W), dtype=dt)
+    _input_adjoint_cpu(dV, dx, g.ph, g.pw, TH, TW)
+    dw = np.empty((F, C, 3, 3), dtype=dt)
+    _filter_adjoint_cpu(dU, dw)
+    return dx, dw
