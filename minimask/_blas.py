@@ -154,5 +154,54 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, threads
 
     if threads is None:
         threads = _threads.gemm_threads(2.0 * M * N * K)
-    _threads.run_shares(share, -(-(N if by_cols else M) // unit), threads)
+    # two pieces per thread: a late thread's piece can go to another
+    _threads.run_shares(share, -(-(N if by_cols else M) // unit), threads, pieces=2 * threads)
+    return out
+
+
+def gemm_batch(a, b, out, trans_a=False, trans_b=False, threads=None):
+    """``out[k] = op(a[k]) @ op(b[k])`` for every k: 3-D arrays, each ``[k]``
+    a matrix as ``gemm`` takes it (any stride between the k).
+
+    The k are split into contiguous shares, one per thread (``threads``, or
+    ``_threads.gemm_threads`` of the whole batch's FLOPs), and each multiply
+    runs whole on one OpenBLAS thread, so no thread waits on another inside
+    one. The checks and pointers are worked out once for the batch, and each
+    multiply is one ctypes call: a Winograd layer makes 48 of them."""
+    global _state
+    if _state is None:
+        _state = _load()
+    B = a.shape[0]
+    M, K = (a.shape[2], a.shape[1]) if trans_a else a.shape[1:]
+    N = b.shape[1] if trans_b else b.shape[2]
+    if threads is None:
+        threads = _threads.gemm_threads(2.0 * M * N * K * B)
+    usable = (_state["lib"] is not None and a.dtype == b.dtype == out.dtype
+              and a.dtype in (np.float32, np.float64) and M and N and K
+              and all(m.strides[2] == m.itemsize and m.strides[1] >= m.shape[2] * m.itemsize
+                      for m in (a, b, out)))
+    if not usable:
+        def share(lo, hi):
+            for k in range(lo, hi):
+                gemm(a[k], b[k], trans_a, trans_b, out=out[k], threads=1)
+        _threads.run_shares(share, B, threads, pieces=B)
+        return out
+    fn = _state["sgemm"] if a.dtype == np.float32 else _state["dgemm"]
+    item = a.itemsize
+    ta, tb = (_TRANS if trans_a else _NO_TRANS), (_TRANS if trans_b else _NO_TRANS)
+    lda, ldb, ldc = a.strides[1] // item, b.strides[1] // item, out.strides[1] // item
+    pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
+    sa, sb, sc = a.strides[0], b.strides[0], out.strides[0]
+    set_local = _state["set_local"]
+
+    def share(lo, hi):
+        previous = set_local(1)
+        try:
+            for k in range(lo, hi):
+                fn(_ROW_MAJOR, ta, tb, M, N, K, 1.0, pa + k * sa, lda, pb + k * sb, ldb, 0.0,
+                   pc + k * sc, ldc)
+        finally:
+            set_local(previous)
+
+    _threads.run_shares(share, B, threads, pieces=B)
     return out

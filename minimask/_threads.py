@@ -149,19 +149,43 @@ def _executor(workers):
         return _POOL["executor"]
 
 
-def run_shares(share, n_items, threads):
-    """``share(lo, hi)`` over ``range(n_items)`` split into ``threads``
-    contiguous parts of (nearly) equal size: the first on this thread, the
-    others on the pool, all at once; returns when all are done."""
+def run_shares(share, n_items, threads, pieces=None):
+    """``share(lo, hi)`` over all of ``range(n_items)``, in ``pieces``
+    contiguous pieces (default: one per thread) taken one at a time by this
+    thread and ``threads - 1`` pool threads; returns when all are done.
+
+    Pieces are claimed, not assigned: a thread that comes late (on a busy
+    machine a woken thread may wait for the scheduler) finds them taken by
+    the others, and this thread never waits for a piece that nobody has
+    started. So more threads are never much slower than one: at worst this
+    thread does every piece itself."""
     threads = max(1, min(threads, n_items))
+    pieces = max(threads, min(pieces or threads, n_items))
     if threads == 1:
         share(0, n_items)
         return
-    bounds = [n_items * i // threads for i in range(threads + 1)]
+    bounds = [n_items * i // pieces for i in range(pieces + 1)]
+    claims = iter(range(pieces))            # next() on it is atomic under the GIL
+    state = {"left": pieces, "error": None}
+    lock = threading.Lock()
+    finished = threading.Event()
+
+    def work():
+        for i in claims:
+            try:
+                share(bounds[i], bounds[i + 1])
+            except BaseException as exc:    # re-raised on the calling thread
+                state["error"] = exc
+            finally:
+                with lock:
+                    state["left"] -= 1
+                    if state["left"] == 0:
+                        finished.set()
+
     pool = _executor(threads - 1)
-    futures = [pool.submit(share, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    try:
-        share(bounds[0], bounds[1])
-    finally:
-        for fut in futures:
-            fut.result()
+    for _ in range(threads - 1):
+        pool.submit(work)
+    work()
+    finished.wait()
+    if state["error"] is not None:
+        raise state["error"]

@@ -65,13 +65,14 @@ Backends:
 * ``"numpy"``: im2col as ``kh * kw`` strided slices of the padded input (one
   per kernel offset), col2im as the same slices added back, ``@`` for the
   GEMM.
-* ``"cpu"``: im2col by NumPy's strided copies on one thread, or a Numba
-  kernel parallel over rows of ``cols`` when the work is large
-  (``minimask._threads``); col2im a Numba kernel, parallel over (n, c)
-  planes of ``dx``: each iteration adds the rows of ``cols`` that belong to
-  its own plane, so no two iterations write the same element. BLAS
-  (``minimask._blas``: OpenBLAS, its threads chosen per call by the
-  multiply's size) for the GEMM, which is where the FLOPs are. The input
+* ``"cpu"``: 3x3 stride-1 layers by Winograd's F(2x2, 3x3) (``winograd.py``:
+  16 smaller multiplies, 0.44 of the FLOPs); the others by im2col, as
+  NumPy's strided copies (memory-bound: a parallel Numba kernel was
+  slower); col2im a Numba kernel, parallel over (n, c) planes of ``dx``:
+  each iteration adds the rows of ``cols`` that belong to its own plane, so
+  no two iterations write the same element. BLAS (``minimask._blas``:
+  OpenBLAS on one thread per call, a large multiply split between
+  minimask's threads) for the GEMM, which is where the FLOPs are. The input
   gradient of a stride-1 conv is computed as a conv of ``dout`` with the
   kernel turned by 180 degrees (im2col + GEMM, no col2im;
   ``_CpuOps.input_grad_stride1``). Matrices above ``BLOCK_BYTES`` are built
@@ -253,32 +254,6 @@ def _valid_range(k, stride, pad, size, n_grid):
 
 
 @parallel_kernel
-def _im2col_cpu(x, cols, kh, kw, sh, sw, ph, pw, OH, OW):
-    N, C, H, W = x.shape
-    L = OH * OW
-    # One iteration per row (c, i, j) of cols: each writes its own row.
-    for r in prange(C * kh * kw):
-        c = r // (kh * kw)
-        i = (r // kw) % kh
-        j = r % kw
-        q_lo, q_hi = _valid_range(j, sw, pw, W, OW)
-        for n in range(N):
-            for p in range(OH):
-                base = n * L + p * OW
-                h = image_index_cpu(p, i, sh, ph, H)
-                if h < 0:
-                    for q in range(OW):
-                        cols[r, base + q] = 0
-                    continue
-                for q in range(q_lo):
-                    cols[r, base + q] = 0
-                for q in range(q_lo, q_hi):
-                    cols[r, base + q] = x[n, c, h, q * sw - pw + j]
-                for q in range(q_hi, OW):
-                    cols[r, base + q] = 0
-
-
-@parallel_kernel
 def _col2im_cpu(cols, dx, kh, kw, sh, sw, ph, pw, OH, OW):
     N, C, H, W = dx.shape
     L = OH * OW
@@ -352,7 +327,7 @@ def _block_work(a, c0, b, j0, j1, *geometry):
 @parallel_kernel(work=_block_work)
 def _im2col_block_cpu(x, c0, cols, j0, j1, kh, kw, sh, sw, ph, pw, OH, OW):
     """Columns ``j0 .. j1`` of im2col's matrix, written to ``cols[:, c0 :
-    c0 + j1 - j0]``: the same values as ``_im2col_cpu``, for any column
+    c0 + j1 - j0]``: the same values as ``_im2col_strided``, for any column
     range (it may start and end in the middle of a row of output
     positions)."""
     N, C, H, W = x.shape
@@ -444,12 +419,13 @@ def _im2col_strided(x, g, cols):
 
 
 def _im2col_whole(x, g, cols):
-    """The whole im2col into ``cols``: the parallel Numba kernel when the
-    thread rule says parallel, else NumPy's strided copies on one thread."""
-    if _threads.use_parallel(x.size + cols.size):
-        _im2col_cpu.parallel(x, cols, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW)
-    else:
-        _im2col_strided(x, g, cols)
+    """The whole im2col into ``cols``: NumPy's strided copies, on one thread
+    whatever the thread count. A Numba kernel parallel over rows of cols was
+    measured against it and lost everywhere, even on two threads (idle,
+    float32, batch 4, 3x3: 3 x 256 x 256 stride 2: 0.51 ms strided against
+    1.27 on two threads; 64 x 64 x 64 stride 1: 1.9 against 9.7): the copy
+    is memory-bound and the strided copies already run at memory speed."""
+    _im2col_strided(x, g, cols)
 
 
 # The CPU conv works on blocks of columns of at most this many bytes of cols
@@ -460,7 +436,7 @@ def _im2col_whole(x, g, cols):
 # efficiently. So blocking only bounds memory: a block is the whole matrix
 # unless that is larger than this (batch 4 at 512 px on P3: 151 MB of cols,
 # 3 blocks), and the dcols workspace is one block, reused. A single block
-# runs the whole-matrix kernels (_im2col_cpu, _col2im_cpu): the range logic
+# runs the whole-matrix kernels (_im2col_strided, _col2im_cpu): the range logic
 # of the block kernels costs 50% more per element on small maps (4 x 64 x
 # 16 x 16, 3x3: 0.71 against 0.46 ms for im2col, one thread).
 BLOCK_BYTES = 64 << 20
@@ -913,8 +889,8 @@ def conv2d_backward(dout, cache):
     ops = be.op("conv.ops")
     d_dout = be.asarray(dout)
     if isinstance(cols, WinogradCache):                      # the forward went through Winograd
-        dx, dw = winograd.backward(d_dout, cols, g, _workspace)
-        db = ops.bias_grad(d_dout) if has_bias else None
+        dx, dw, db = winograd.backward(d_dout, cols, g, _workspace)
+        db = db if has_bias else None
         return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
 
     dout2 = ops.to_rows(d_dout)                              # (F, N OH OW)

@@ -237,15 +237,17 @@ def _a(y0, y1):
 
 @parallel_kernel
 def _input_transform_cpu(xpad, V, TH, TW):
-    """V[xi, c, t] = (B^T d[c, t] B)[xi], d the 4x4 tile of ``xpad`` at
+    """V[xi, c T + t] = (B^T d[c, t] B)[xi], d the 4x4 tile of ``xpad`` at
     (2 ty, 2 tx). ``xpad`` is the input with its zero padding on (and room
-    for the last tile), so no tile needs a bounds check."""
+    for the last tile), so no tile needs a bounds check. ``V`` is the (16,
+    P) buffer behind ``planes`` (P >= C T)."""
     N, C = xpad.shape[0], xpad.shape[1]
+    T = N * TH * TW
     for c in prange(C):
         for n in range(N):
             for ty in range(TH):
                 h = 2 * ty
-                t0 = (n * TH + ty) * TW
+                t0 = c * T + (n * TH + ty) * TW
                 for tx in range(TW):
                     v = 2 * tx
                     t = t0 + tx
@@ -259,33 +261,34 @@ def _input_transform_cpu(xpad, V, TH, TW):
                     r03, r13, r23, r33 = _bt(xpad[n, c, h, v + 3], xpad[n, c, h + 1, v + 3],
                                              xpad[n, c, h + 2, v + 3], xpad[n, c, h + 3, v + 3])
                     # (B^T d) B: the 4 columns of each row combined
-                    V[0, c, t], V[1, c, t], V[2, c, t], V[3, c, t] = _bt(r00, r01, r02, r03)
-                    V[4, c, t], V[5, c, t], V[6, c, t], V[7, c, t] = _bt(r10, r11, r12, r13)
-                    V[8, c, t], V[9, c, t], V[10, c, t], V[11, c, t] = _bt(r20, r21, r22, r23)
-                    V[12, c, t], V[13, c, t], V[14, c, t], V[15, c, t] = _bt(r30, r31, r32, r33)
+                    V[0, t], V[1, t], V[2, t], V[3, t] = _bt(r00, r01, r02, r03)
+                    V[4, t], V[5, t], V[6, t], V[7, t] = _bt(r10, r11, r12, r13)
+                    V[8, t], V[9, t], V[10, t], V[11, t] = _bt(r20, r21, r22, r23)
+                    V[12, t], V[13, t], V[14, t], V[15, t] = _bt(r30, r31, r32, r33)
 
 
 @parallel_kernel
 def _output_transform_cpu(M, b, has_bias, out):
-    """out[n, f, 2 ty + a, 2 tx + b] = (A^T M[:, f, t] A)[a, b] + b[f]. ``out``
+    """out[n, f, 2 ty + a, 2 tx + b] = (A^T M[:, f T + t] A)[a, b] + b[f]. ``out``
     is (N, F, 2 TH, 2 TW): the caller crops a last row or column of tiles
-    that passes the border."""
+    that passes the border. ``M`` is the (16, P) buffer behind ``planes``."""
     N, F, OH2, OW2 = out.shape
     TH, TW = OH2 // 2, OW2 // 2
+    T = N * TH * TW
     for f in prange(F):
-        shift = b[f] if has_bias else M[0, 0, 0] * 0
+        shift = b[f] if has_bias else M[0, 0] * 0
         for n in range(N):
             for ty in range(TH):
                 h = 2 * ty
-                t0 = (n * TH + ty) * TW
+                t0 = f * T + (n * TH + ty) * TW
                 for tx in range(TW):
                     v = 2 * tx
                     t = t0 + tx
                     # A^T M: the 4 rows of the 4x4 tile combined, per column
-                    s00, s10 = _at(M[0, f, t], M[4, f, t], M[8, f, t], M[12, f, t])
-                    s01, s11 = _at(M[1, f, t], M[5, f, t], M[9, f, t], M[13, f, t])
-                    s02, s12 = _at(M[2, f, t], M[6, f, t], M[10, f, t], M[14, f, t])
-                    s03, s13 = _at(M[3, f, t], M[7, f, t], M[11, f, t], M[15, f, t])
+                    s00, s10 = _at(M[0, t], M[4, t], M[8, t], M[12, t])
+                    s01, s11 = _at(M[1, t], M[5, t], M[9, t], M[13, t])
+                    s02, s12 = _at(M[2, t], M[6, t], M[10, t], M[14, t])
+                    s03, s13 = _at(M[3, t], M[7, t], M[11, t], M[15, t])
                     # (A^T M) A: the 4 columns of each of its 2 rows combined
                     y00, y01 = _at(s00, s01, s02, s03)
                     y10, y11 = _at(s10, s11, s12, s13)
@@ -296,28 +299,35 @@ def _output_transform_cpu(M, b, has_bias, out):
 
 
 @parallel_kernel
-def _output_adjoint_cpu(dout, dM):
-    """dM[:, f, t] = A dY A^T, dY the 2x2 tile of ``dout`` at (2 ty, 2 tx).
-    ``dout`` is (N, F, 2 TH, 2 TW): the caller pads it with zeros when the
-    output has an odd size."""
+def _output_adjoint_cpu(dout, dM, db):
+    """dM[:, f T + t] = A dY A^T, dY the 2x2 tile of ``dout`` at (2 ty, 2 tx),
+    and on the way the bias gradient db[f] = sum of dout[:, f]. ``dout`` is
+    (N, F, 2 TH, 2 TW): the caller pads it with zeros when the output has an
+    odd size. ``dM`` is the (16, P) buffer behind ``planes``."""
     N, F, OH2, OW2 = dout.shape
     TH, TW = OH2 // 2, OW2 // 2
+    T = N * TH * TW
     for f in prange(F):
+        total = dout[0, 0, 0, 0] * 0
         for n in range(N):
             for ty in range(TH):
                 h = 2 * ty
-                t0 = (n * TH + ty) * TW
+                t0 = f * T + (n * TH + ty) * TW
                 for tx in range(TW):
                     v = 2 * tx
                     t = t0 + tx
                     # A dY: the 4 rows of the 4x4 from dY's 2 rows, per column
-                    a00, a10, a20, a30 = _a(dout[n, f, h, v], dout[n, f, h + 1, v])
-                    a01, a11, a21, a31 = _a(dout[n, f, h, v + 1], dout[n, f, h + 1, v + 1])
+                    y00, y01 = dout[n, f, h, v], dout[n, f, h, v + 1]
+                    y10, y11 = dout[n, f, h + 1, v], dout[n, f, h + 1, v + 1]
+                    total += (y00 + y01) + (y10 + y11)
+                    a00, a10, a20, a30 = _a(y00, y10)
+                    a01, a11, a21, a31 = _a(y01, y11)
                     # (A dY) A^T: each row's 2 entries spread over 4
-                    dM[0, f, t], dM[1, f, t], dM[2, f, t], dM[3, f, t] = _a(a00, a01)
-                    dM[4, f, t], dM[5, f, t], dM[6, f, t], dM[7, f, t] = _a(a10, a11)
-                    dM[8, f, t], dM[9, f, t], dM[10, f, t], dM[11, f, t] = _a(a20, a21)
-                    dM[12, f, t], dM[13, f, t], dM[14, f, t], dM[15, f, t] = _a(a30, a31)
+                    dM[0, t], dM[1, t], dM[2, t], dM[3, t] = _a(a00, a01)
+                    dM[4, t], dM[5, t], dM[6, t], dM[7, t] = _a(a10, a11)
+                    dM[8, t], dM[9, t], dM[10, t], dM[11, t] = _a(a20, a21)
+                    dM[12, t], dM[13, t], dM[14, t], dM[15, t] = _a(a30, a31)
+        db[f] = total
 
 
 @njit(inline="always", cache=True)
@@ -332,26 +342,28 @@ def _add_row(plane, h, v, e0, e1, e2, e3):
 
 @parallel_kernel
 def _input_adjoint_cpu(dV, dx, ph, pw, TH, TW):
-    """dx = sum over tiles of B dV[:, c, t] B^T, added where the tile was read,
-    then the padding dropped. Parallel over (n, c) planes: a plane's tiles are
-    all added by one iteration (into its own padded scratch plane), so the
-    overlapping tiles never race."""
+    """dx = sum over tiles of B dV[:, c T + t] B^T, added where the tile was
+    read, then the padding dropped. Parallel over (n, c) planes: a plane's
+    tiles are all added by one iteration (into its own padded scratch
+    plane), so the overlapping tiles never race. ``dV`` is the (16, P)
+    buffer behind ``planes``."""
     N, C, H, W = dx.shape
+    T = N * TH * TW
     for nc in prange(N * C):
         n = nc // C
         c = nc % C
         plane = np.zeros((2 * TH + 2, 2 * TW + 2), dtype=dx.dtype)
         for ty in range(TH):
             h = 2 * ty
-            t0 = (n * TH + ty) * TW
+            t0 = c * T + (n * TH + ty) * TW
             for tx in range(TW):
                 v = 2 * tx
                 t = t0 + tx
                 # B dV: the 4 rows of the 4x4 combined, per column
-                e00, e10, e20, e30 = _b(dV[0, c, t], dV[4, c, t], dV[8, c, t], dV[12, c, t])
-                e01, e11, e21, e31 = _b(dV[1, c, t], dV[5, c, t], dV[9, c, t], dV[13, c, t])
-                e02, e12, e22, e32 = _b(dV[2, c, t], dV[6, c, t], dV[10, c, t], dV[14, c, t])
-                e03, e13, e23, e33 = _b(dV[3, c, t], dV[7, c, t], dV[11, c, t], dV[15, c, t])
+                e00, e10, e20, e30 = _b(dV[0, t], dV[4, t], dV[8, t], dV[12, t])
+                e01, e11, e21, e31 = _b(dV[1, t], dV[5, t], dV[9, t], dV[13, t])
+                e02, e12, e22, e32 = _b(dV[2, t], dV[6, t], dV[10, t], dV[14, t])
+                e03, e13, e23, e33 = _b(dV[3, t], dV[7, t], dV[11, t], dV[15, t])
                 # (B dV) B^T, row by row, added into the tile's 16 pixels
                 _add_row(plane, h, v, e00, e01, e02, e03)
                 _add_row(plane, h + 1, v, e10, e11, e12, e13)
@@ -376,7 +388,8 @@ def _gt(u0, u1, u2, u3):
 
 @njit(cache=True)
 def _filter_transform_cpu(w, U):
-    """U[:, f, c] = G w[f, c] G^T, its 4x4 entries row by row."""
+    """U[:, f C + c] = G w[f, c] G^T, its 4x4 entries row by row (``U`` the
+    (16, P) buffer behind ``planes``)."""
     F, C = w.shape[0], w.shape[1]
     for f in range(F):
         for c in range(C):
@@ -385,23 +398,23 @@ def _filter_transform_cpu(w, U):
             b0, b1, b2, b3 = _g(w[f, c, 0, 1], w[f, c, 1, 1], w[f, c, 2, 1])
             c0, c1, c2, c3 = _g(w[f, c, 0, 2], w[f, c, 1, 2], w[f, c, 2, 2])
             # (G w) G^T: each of its 4 rows times G^T
-            U[0, f, c], U[1, f, c], U[2, f, c], U[3, f, c] = _g(a0, b0, c0)
-            U[4, f, c], U[5, f, c], U[6, f, c], U[7, f, c] = _g(a1, b1, c1)
-            U[8, f, c], U[9, f, c], U[10, f, c], U[11, f, c] = _g(a2, b2, c2)
-            U[12, f, c], U[13, f, c], U[14, f, c], U[15, f, c] = _g(a3, b3, c3)
+            U[0, f * C + c], U[1, f * C + c], U[2, f * C + c], U[3, f * C + c] = _g(a0, b0, c0)
+            U[4, f * C + c], U[5, f * C + c], U[6, f * C + c], U[7, f * C + c] = _g(a1, b1, c1)
+            U[8, f * C + c], U[9, f * C + c], U[10, f * C + c], U[11, f * C + c] = _g(a2, b2, c2)
+            U[12, f * C + c], U[13, f * C + c], U[14, f * C + c], U[15, f * C + c] = _g(a3, b3, c3)
 
 
 @njit(cache=True)
 def _filter_adjoint_cpu(dU, dw):
-    """dw[f, c] = G^T dU[:, f, c] G."""
+    """dw[f, c] = G^T dU[:, f C + c] G (``dU`` the (16, P) buffer behind ``planes``)."""
     F, C = dw.shape[0], dw.shape[1]
     for f in range(F):
         for c in range(C):
             # dU G: each of the 4 rows of dU times G, giving (4, 3)
-            a0, a1, a2 = _gt(dU[0, f, c], dU[1, f, c], dU[2, f, c], dU[3, f, c])
-            b0, b1, b2 = _gt(dU[4, f, c], dU[5, f, c], dU[6, f, c], dU[7, f, c])
-            c0, c1, c2 = _gt(dU[8, f, c], dU[9, f, c], dU[10, f, c], dU[11, f, c])
-            d0, d1, d2 = _gt(dU[12, f, c], dU[13, f, c], dU[14, f, c], dU[15, f, c])
+            a0, a1, a2 = _gt(dU[0, f * C + c], dU[1, f * C + c], dU[2, f * C + c], dU[3, f * C + c])
+            b0, b1, b2 = _gt(dU[4, f * C + c], dU[5, f * C + c], dU[6, f * C + c], dU[7, f * C + c])
+            c0, c1, c2 = _gt(dU[8, f * C + c], dU[9, f * C + c], dU[10, f * C + c], dU[11, f * C + c])
+            d0, d1, d2 = _gt(dU[12, f * C + c], dU[13, f * C + c], dU[14, f * C + c], dU[15, f * C + c])
             # G^T (dU G): one column at a time
             dw[f, c, 0, 0], dw[f, c, 1, 0], dw[f, c, 2, 0] = _gt(a0, b0, c0, d0)
             dw[f, c, 0, 1], dw[f, c, 1, 1], dw[f, c, 2, 1] = _gt(a1, b1, c1, d1)
@@ -413,44 +426,42 @@ def _filter_adjoint_cpu(dU, dw):
 # ----------------------------------------------------------------------
 
 def batched_gemm(a, b, out, trans_a=False, trans_b=False):
-    """``out[k] = op(a[k]) @ op(b[k])`` for every k, through BLAS.
-
-    The k are split into as many contiguous shares as
-    ``minimask._threads.gemm_threads`` gives for the whole batch's FLOPs,
-    one per thread (``_threads.run_shares``), and each multiply runs whole
-    on one thread: no thread waits on another inside a multiply."""
-    K = a.shape[0]
-    M, inner = (a.shape[2], a.shape[1]) if trans_a else a.shape[1:]
-    N = b.shape[1] if trans_b else b.shape[2]
-    threads = _threads.gemm_threads(2.0 * M * N * inner * K)
-
-    def share(lo, hi):
-        for k in range(lo, hi):
-            _blas.gemm(a[k], b[k], trans_a, trans_b, out=out[k], threads=1)
-
-    _threads.run_shares(share, K, threads)
-    return out
+    """``out[k] = op(a[k]) @ op(b[k])`` for the 16 k: ``minimask._blas.gemm_batch``,
+    which shares the k out between threads, each multiply whole on one."""
+    return _blas.gemm_batch(a, b, out, trans_a, trans_b)
 
 
 # ----------------------------------------------------------------------
 # The layer on the "cpu" backend
 # ----------------------------------------------------------------------
 
-def planes(buffer, K, R, T):
-    """A (K, R, T) view of flat ``buffer`` whose K planes start 64 bytes past a
-    multiple of 4 KiB from each other. The transforms write (or read) all 16
-    planes at once, one element each per tile; planes exactly a multiple of
-    4 KiB apart (64 x 1024 float32, say) fall on the same cache sets and
-    evict each other, which made the transforms 3-8x slower. Each plane is
-    an ordinary row-major (R, T) matrix for BLAS."""
-    item = buffer.itemsize
-    return np.lib.stride_tricks.as_strided(buffer, (K, R, T),
-                                           (plane_stride(R, T, item) * item, T * item, item))
-
-
 def plane_stride(R, T, itemsize):
-    """Elements from one plane of ``planes`` to the next."""
+    """Elements from one plane of a (K, R, T) batch to the next: R T rounded
+    up to a multiple of 4 KiB, plus 64 bytes."""
     return (-(-R * T * itemsize // 4096) * 4096 + 64) // itemsize
+
+
+def plane_buffer(K, R, T, dtype, workspace=None, key=None):
+    """The storage of K planes of (R, T): a C-contiguous (K, P) array, P =
+    ``plane_stride``, from ``workspace(size, dtype, key)`` when given (kept
+    between calls) or new.
+
+    The transforms write (or read) all 16 planes at once, one element each
+    per tile; planes exactly a multiple of 4 KiB apart (64 x 1024 float32,
+    say) fall on the same cache sets and evict each other, which made the
+    transforms 3-8x slower. The kernels index the buffer as ``[k, r T +
+    t]`` (a C-contiguous array: the compiler knows the last stride is one
+    element and can vectorise); BLAS gets the ``planes`` view of it."""
+    dtype = np.dtype(dtype)
+    P = plane_stride(R, T, dtype.itemsize)
+    flat = np.empty(K * P, dtype=dtype) if workspace is None else workspace(K * P, dtype, key)
+    return flat.reshape(K, P)
+
+
+def planes(buffer, R, T):
+    """The (K, R, T) view of a ``plane_buffer``: plane k is the row-major
+    (R, T) matrix at the start of row k."""
+    return buffer[:, :R * T].reshape(buffer.shape[0], R, T)
 
 
 def _pad_input(x, g, TH, TW):
@@ -472,24 +483,26 @@ def forward(x, w, b, g, workspace):
     TH, TW = tiles_of(g.OH, g.OW)
     T = N * TH * TW
     dt = x.dtype
-    U = np.empty((16, F, C), dtype=dt)
-    _filter_transform_cpu(np.ascontiguousarray(w), U)
-    V = planes(np.empty(16 * plane_stride(C, T, dt.itemsize), dtype=dt), 16, C, T)
-    _input_transform_cpu(_pad_input(x, g, TH, TW), V, TH, TW)
-    M = planes(workspace(16 * plane_stride(F, T, dt.itemsize), dt, "winograd.M"), 16, F, T)
-    batched_gemm(U, V, M)
+    Ub = plane_buffer(16, F, C, dt)
+    _filter_transform_cpu(np.ascontiguousarray(w), Ub)
+    Vb = plane_buffer(16, C, T, dt)
+    _input_transform_cpu(_pad_input(x, g, TH, TW), Vb, TH, TW)
+    Mb = plane_buffer(16, F, T, dt, workspace, "winograd.M")
+    U, V = planes(Ub, F, C), planes(Vb, C, T)
+    batched_gemm(U, V, planes(Mb, F, T))
     bias = b if b is not None else np.zeros(1, dtype=dt)
     full = (2 * TH, 2 * TW) == (g.OH, g.OW)
     out = np.empty((N, F, 2 * TH, 2 * TW), dtype=dt)
-    _output_transform_cpu(M, np.ascontiguousarray(bias), b is not None, out)
+    _output_transform_cpu(Mb, np.ascontiguousarray(bias), b is not None, out)
     if not full:                         # an odd size: the last tiles overhang
         out = np.ascontiguousarray(out[:, :, :g.OH, :g.OW])
     return out, (U, V)
 
 
 def backward(dout, UV, g, workspace):
-    """``(dx, dw)`` of ``forward`` (the bias gradient is the caller's: it
-    does not depend on the algorithm)."""
+    """``(dx, dw, db)`` of ``forward``; db, the sum of dout over (n, h, w),
+    comes free with the first transform (the caller drops it when the layer
+    has no bias)."""
     U, V = UV
     F, C = U.shape[1], U.shape[2]
     N = g.N
@@ -501,14 +514,16 @@ def backward(dout, UV, g, workspace):
     else:                                # zeros where the last tiles overhang
         dY = np.zeros((N, F, 2 * TH, 2 * TW), dtype=dt)
         dY[:, :, :g.OH, :g.OW] = dout
-    dM = planes(workspace(16 * plane_stride(F, T, dt.itemsize), dt, "winograd.dM"), 16, F, T)
-    _output_adjoint_cpu(dY, dM)
-    dU = np.empty((16, F, C), dtype=dt)
-    batched_gemm(dM, V, dU, trans_b=True)
-    dV = planes(workspace(16 * plane_stride(C, T, dt.itemsize), dt, "winograd.dV"), 16, C, T)
-    batched_gemm(U, dM, dV, trans_a=True)
+    dMb = plane_buffer(16, F, T, dt, workspace, "winograd.dM")
+    db = np.empty(F, dtype=dt)
+    _output_adjoint_cpu(dY, dMb, db)
+    dM = planes(dMb, F, T)
+    dUb = plane_buffer(16, F, C, dt, workspace, "winograd.dU")
+    batched_gemm(dM, V, planes(dUb, F, C), trans_b=True)
+    dVb = plane_buffer(16, C, T, dt, workspace, "winograd.dV")
+    batched_gemm(U, dM, planes(dVb, C, T), trans_a=True)
     dx = np.empty((N, C, g.H, g.W), dtype=dt)
-    _input_adjoint_cpu(dV, dx, g.ph, g.pw, TH, TW)
+    _input_adjoint_cpu(dVb, dx, g.ph, g.pw, TH, TW)
     dw = np.empty((F, C, 3, 3), dtype=dt)
-    _filter_adjoint_cpu(dU, dw)
-    return dx, dw
+    _filter_adjoint_cpu(dUb, dw)
+    return dx, dw, db
