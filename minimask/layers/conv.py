@@ -871,15 +871,17 @@ def conv2d_forward(x, w, b, stride=1, padding=0):
     return be.output(out, x), cache
 
 
-def conv2d_backward(dout, cache):
+def conv2d_backward(dout, cache, need_dx=True):
     """Gradients of ``conv2d_forward``.
 
     Inputs:
     - dout: (N, F, OH, OW), upstream gradient
     - cache: from ``conv2d_forward``
+    - need_dx: False skips the input gradient (the first layer of a network,
+      whose input is the image: a third of the layer's backward FLOPs)
 
-    Returns ``(dx, dw, db)``: dx (N, C, H, W), dw (F, C, kh, kw), db (F,) or
-    None when the forward had no bias.
+    Returns ``(dx, dw, db)``: dx (N, C, H, W) (None when not ``need_dx``),
+    dw (F, C, kh, kw), db (F,) or None when the forward had no bias.
 
         dW = dout2 @ cols^T,  dx = col2im(W^T @ dout2),  db[f] = sum dout[:, f]
     """
@@ -889,13 +891,13 @@ def conv2d_backward(dout, cache):
     ops = be.op("conv.ops")
     d_dout = be.asarray(dout)
     if isinstance(cols, WinogradCache):                      # the forward went through Winograd
-        dx, dw, db = winograd.backward(d_dout, cols, g, _workspace)
+        dx, dw, db = winograd.backward(d_dout, cols, g, _workspace, need_dx)
         db = db if has_bias else None
         return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
 
     dout2 = ops.to_rows(d_dout)                              # (F, N OH OW)
     dw = ops.like_weight(ops.matmul(dout2, cols, trans_b=True), w)
-    dx = ops.conv_input_grad(W2, dout2, g)                   # col2im(W2^T @ dout2)
+    dx = ops.conv_input_grad(W2, dout2, g) if need_dx else None   # col2im(W2^T @ dout2)
     db = ops.bias_grad(d_dout) if has_bias else None
     return be.output(dx, dout), be.output(dw, dout), be.output(db, dout)
 

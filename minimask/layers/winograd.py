@@ -499,10 +499,10 @@ def forward(x, w, b, g, workspace):
     return out, (U, V)
 
 
-def backward(dout, UV, g, workspace):
-    """``(dx, dw, db)`` of ``forward``; db, the sum of dout over (n, h, w),
-    comes free with the first transform (the caller drops it when the layer
-    has no bias)."""
+def backward(dout, UV, g, workspace, need_dx=True):
+    """``(dx, dw, db)`` of ``forward`` (dx None when not ``need_dx``); db, the
+    sum of dout over (n, h, w), comes free with the first transform (the
+    caller drops it when the layer has no bias)."""
     U, V = UV
     F, C = U.shape[1], U.shape[2]
     N = g.N
@@ -520,10 +520,12 @@ def backward(dout, UV, g, workspace):
     dM = planes(dMb, F, T)
     dUb = plane_buffer(16, F, C, dt, workspace, "winograd.dU")
     batched_gemm(dM, V, planes(dUb, F, C), trans_b=True)
-    dVb = plane_buffer(16, C, T, dt, workspace, "winograd.dV")
-    batched_gemm(U, dM, planes(dVb, C, T), trans_a=True)
-    dx = np.empty((N, C, g.H, g.W), dtype=dt)
-    _input_adjoint_cpu(dVb, dx, g.ph, g.pw, TH, TW)
+    dx = None
+    if need_dx:
+        dVb = plane_buffer(16, C, T, dt, workspace, "winograd.dV")
+        batched_gemm(U, dM, planes(dVb, C, T), trans_a=True)
+        dx = np.empty((N, C, g.H, g.W), dtype=dt)
+        _input_adjoint_cpu(dVb, dx, g.ph, g.pw, TH, TW)
     dw = np.empty((F, C, 3, 3), dtype=dt)
     _filter_adjoint_cpu(dUb, dw)
     return dx, dw, db

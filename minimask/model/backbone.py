@@ -102,9 +102,10 @@ class ResNet(Module):
         first = 0 if self.with_c2 else 1
         return outputs[first:], (stem_cache, caches, [o.shape for o in outputs])
 
-    def backward(self, dfeatures, cache):
+    def backward(self, dfeatures, cache, need_input_grad=True):
         """``dfeatures``: gradients of [C3, C4, C5] (of [C2, ..., C5]
-        with_c2); returns d(images)."""
+        with_c2); returns d(images) (None when not ``need_input_grad``:
+        training never needs it, and the stem convolution then skips it)."""
         stem_cache, caches, shapes = cache
         first = 0 if self.with_c2 else 1       # the stage whose output is dfeatures[0]
         dx = None
@@ -117,4 +118,4 @@ class ResNet(Module):
             if dx is None:
                 dx = current_backend().zeros(shapes[i], dfeatures[0].dtype)
             dx = self.stages[i].backward(dx, caches[i])
-        return self.stem.backward(dx, stem_cache)
+        return self.stem.backward(dx, stem_cache, need_dx=need_input_grad)

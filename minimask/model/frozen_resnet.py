@@ -223,11 +223,12 @@ class TorchvisionResNet(Module):
         first = 0 if self.with_c2 else 1
         return outputs[first:], ((c1, cb, cr, cp), caches, [o.shape for o in outputs])
 
-    def backward(self, dfeatures, cache):
+    def backward(self, dfeatures, cache, need_input_grad=True):
         """``dfeatures``: gradients of [C3, C4, C5] (of [C2, ..., C5]
         with_c2: C2's adds to what layer2 sends into layer1's output). Returns d(images), or
         ``None`` when the stem is frozen (the pass stops at the lowest
-        trainable stage: nothing below it needs a gradient)."""
+        trainable stage: nothing below it needs a gradient) or when not
+        ``need_input_grad`` (conv1 then skips it)."""
         (c1, cb, cr, cp), caches, shapes = cache
         lowest = 5 - self.trainable_stages          # index in STAGE_NAMES
         first = 1 if self.with_c2 else 2            # the layer whose output is dfeatures[0]
@@ -248,7 +249,11 @@ class TorchvisionResNet(Module):
             return None
         dx = self.maxpool.backward(dx, cp)
         dx = relu_backward(dx, cr)
-        return self.conv1.backward(self.bn1.backward(dx, cb), c1)
+        dx = self.bn1.backward(dx, cb)
+        if not need_input_grad:
+            self.conv1.backward(dx, c1, need_dx=False)
+            return None
+        return self.conv1.backward(dx, c1)
 
 
 def _is_bn_param(module, name):

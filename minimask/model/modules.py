@@ -43,8 +43,8 @@ class Conv2d(Module):
         b = self.bias.value if self.bias is not None else None
         return conv2d_forward(x, self.weight.value, b, stride=self.stride, padding=self.padding)
 
-    def backward(self, dout, cache):
-        dx, dw, db = conv2d_backward(dout, cache)
+    def backward(self, dout, cache, need_dx=True):
+        dx, dw, db = conv2d_backward(dout, cache, need_dx)
         self.weight.accumulate(dw)
         if self.bias is not None:
             self.bias.accumulate(db)
@@ -121,8 +121,18 @@ class Sequential(Module):
             caches.append(cache)
         return x, caches
 
-    def backward(self, dout, caches):
-        for layer, cache in zip(reversed(self.layers), reversed(caches)):
+    def backward(self, dout, caches, need_dx=True):
+        """``need_dx=False``: the input's gradient is not wanted (None is
+        returned); the first layer skips it when it is a ``Conv2d``, and
+        the others are not run when nothing below them trains."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer, cache = self.layers[i], caches[i]
+            if i == 0 and not need_dx:
+                if isinstance(layer, Conv2d):
+                    layer.backward(dout, cache, need_dx=False)
+                elif layer.parameters():
+                    layer.backward(dout, cache)
+                return None
             dout = layer.backward(dout, cache)
         return dout
 

@@ -219,7 +219,7 @@ class RetinaMask(Module):
         if dP2 is not None:
             dP = [dP2] + dP
         dC = self.fpn.backward(dP, fpn_cache)
-        self.backbone.backward(dC, backbone_cache)
+        self.backbone.backward(dC, backbone_cache, need_input_grad=False)   # no d(images)
 
     def _detect_one(self, logits, deltas, anchors_per_level, height, width):
         """Post-processing of one image: (boxes, scores, labels)."""
