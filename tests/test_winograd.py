@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,15 @@ from tests.test_threads import thresholds, two_threads  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 TRANSPOSES = [(False, False), (False, True), (True, False), (True, True)]
+
+
+@pytest.fixture(autouse=True)
+def _auto_algorithm():
+    """Every test starts from the default ("auto", whatever MINIMASK_CONV
+    the run has) and leaves the setting as it found it."""
+    old = winograd.set_algorithm("auto")
+    yield
+    winograd.set_algorithm(old)
 
 
 def _pair(padding):
@@ -351,6 +361,7 @@ CPU_CASES = [
     (1, 8, 10, 5, 5, (1, 2)),     # 5 x 7
     (1, 8, 8, 1, 1, 1),           # 1 x 1 input
     (2, 8, 8, 2, 3, 1),           # 2 x 3 input
+    (1, 8, 8, 3, 4, 0),           # 1 x 2: one row of tiles, half cut off
 ]
 
 
@@ -394,6 +405,44 @@ def test_cpu_conv2d_winograd_without_bias():
     assert isinstance(cache[1], WinogradCache)
     assert got[3] is None and expect[3] is None
     for g, e in zip(got[:3], expect[:3]):
+        _close(g, e, 1e-12)
+
+
+def test_cpu_conv2d_winograd_layers_interleaved_and_backward_twice():
+    """Two Winograd layers forward, then backward in reverse order (the
+    layers share the workspaces), one backward repeated: each gradient is
+    that of its own layer."""
+    rng = np.random.default_rng(20)
+    x1, w1 = rng.standard_normal((2, 8, 6, 7)), rng.standard_normal((12, 8, 3, 3))
+    x2, w2 = rng.standard_normal((1, 12, 9, 4)), rng.standard_normal((8, 12, 3, 3))
+    d1, d2 = rng.standard_normal((2, 12, 6, 7)), rng.standard_normal((1, 8, 9, 4))
+    with minimask.using_backend("numpy"):
+        ref1 = conv2d_forward(x1, w1, None, 1, 1)
+        ref2 = conv2d_forward(x2, w2, None, 1, 1)
+        expect = [ref1[0], ref2[0], *conv2d_backward(d2, ref2[1])[:2],
+                  *conv2d_backward(d1, ref1[1])[:2]]
+    with minimask.using_backend("cpu"):
+        out1, c1 = conv2d_forward(x1, w1, None, 1, 1)
+        out2, c2 = conv2d_forward(x2, w2, None, 1, 1)
+        g2 = conv2d_backward(d2, c2)[:2]
+        g1 = conv2d_backward(d1, c1)[:2]
+        again = conv2d_backward(d2, c2)[:2]
+    for got, e in zip((out1, out2, *g2, *g1), expect):
+        _close(got, e, 1e-12)
+    for a, b in zip(again, g2):
+        assert np.array_equal(a, b)
+
+
+def test_cpu_conv2d_winograd_takes_strided_inputs():
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 8, 12, 5)).transpose(0, 1, 3, 2)[:, :, :, ::2]   # (2, 8, 5, 6)
+    w = rng.standard_normal((3, 3, 8, 9)).transpose(3, 2, 1, 0)                    # (9, 8, 3, 3)
+    b = rng.standard_normal(18)[::2]
+    dout = rng.standard_normal((2, 9, 6, 5)).transpose(0, 1, 3, 2)               # (2, 9, 5, 6)
+    assert not (x.flags.c_contiguous or w.flags.c_contiguous or dout.flags.c_contiguous)
+    got, expect, cache = _conv_both_ways(x, w, b, 1, dout)
+    assert isinstance(cache[1], WinogradCache)
+    for g, e in zip(got, expect):
         _close(g, e, 1e-12)
 
 
@@ -500,6 +549,18 @@ def test_applies_only_to_3x3_stride_1_with_enough_channels():
     assert not winograd.applies(Geometry(2, C, 6, 6, 3, 3, 1, 2, 1, 1, 6, 3))
     with winograd.algorithm("im2col"):
         assert not winograd.applies(_geometry(C=C))
+
+
+def test_cpu_conv2d_takes_im2col_for_too_few_output_channels():
+    """The module says Winograd needs at least MIN_CHANNELS "in and out"
+    (MIN_CHANNELS: "fewer channels than this on either side" and the 16
+    multiplies are too thin)."""
+    rng = np.random.default_rng(22)
+    C, F = winograd.MIN_CHANNELS, winograd.MIN_CHANNELS - 1
+    x, w = rng.standard_normal((1, C, 6, 6)), rng.standard_normal((F, C, 3, 3))
+    with minimask.using_backend("cpu"):
+        _, cache = conv2d_forward(x, w, None, 1, 1)
+    assert not isinstance(cache[1], WinogradCache), f"F = {F} went through Winograd"
 
 
 def test_cpu_conv2d_takes_im2col_where_winograd_does_not_apply():
@@ -682,7 +743,27 @@ def test_run_shares_propagates_an_exception_from_a_pool_share():
     with pytest.raises(KeyError, match="first"):
         _threads.run_shares(first_fails, 17, 3)
     assert sorted(pool_done) == [(5, 11), (11, 17)]
-    # the pool still works afterwards
+    # the pool still works afterwards (checked at the end)
     counts = np.zeros(9, int)
     _threads.run_shares(lambda lo, hi: counts.__setitem__(slice(lo, hi), 1), 9, 2)
     assert np.all(counts == 1)
+
+
+def test_run_shares_waits_for_every_share_when_one_fails():
+    """"returns when all are done": also when a pool share raises, the other
+    shares have finished when run_shares returns (a BLAS share writes
+    through raw pointers into the caller's arrays)."""
+    done = []
+
+    def share(lo, hi):
+        if lo == 1:
+            raise RuntimeError("share 1 failed")
+        if lo == 2:
+            time.sleep(0.3)
+        done.append(lo)
+
+    with pytest.raises(RuntimeError, match="share 1 failed"):
+        _threads.run_shares(share, 3, 3)
+    done_at_return = sorted(done)
+    time.sleep(0.4)              # a share left running finishes before the next test
+    assert done_at_return == [0, 2], "run_shares returned while share 2 was still running"
