@@ -446,6 +446,19 @@ def test_cpu_conv2d_winograd_takes_strided_inputs():
         _close(g, e, 1e-12)
 
 
+def test_cpu_conv2d_winograd_takes_read_only_inputs():
+    rng = np.random.default_rng(24)
+    x, w, b = (rng.standard_normal((1, 8, 4, 5)), rng.standard_normal((8, 8, 3, 3)),
+               rng.standard_normal(8))
+    dout = rng.standard_normal((1, 8, 4, 5))
+    for a in (x, w, b, dout):
+        a.setflags(write=False)
+    got, expect, cache = _conv_both_ways(x, w, b, 1, dout)
+    assert isinstance(cache[1], WinogradCache)
+    for g, e in zip(got, expect):
+        _close(g, e, 1e-12)
+
+
 def test_cpu_conv2d_winograd_gradient_check():
     """Centred differences of the "cpu" conv2d for a Winograd geometry: odd
     output (3 x 5), padding 1, random upstream gradient."""
@@ -617,6 +630,34 @@ def test_planes_layout(dtype, K, R, T):
         plane[...] = k
     assert all(np.all(P[k] == k) for k in range(K))      # no plane wrote over another
     assert (K - 1) * stride + R * T <= buffer.size
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blas_takes_planes_without_a_copy(dtype, monkeypatch):
+    """A plane as the output and as an operand goes to OpenBLAS itself, not
+    to NumPy's fallback."""
+    if _blas.info()["blas"] != "scipy-openblas":
+        pytest.fail(f"this test checks the OpenBLAS path: {_blas.info()['why']}")
+    name = "sgemm" if dtype == np.float32 else "dgemm"
+    real, calls = _blas._state[name], []
+
+    def counting(*args):
+        calls.append(args[3:6])                       # M, N, K of the call
+        return real(*args)
+
+    monkeypatch.setitem(_blas._state, name, counting)
+    rng = np.random.default_rng(23)
+    R, T, inner = 6, 37, 5
+    P = _planes(3, R, T, dtype)
+    a = rng.standard_normal((R, inner)).astype(dtype)
+    b = rng.standard_normal((inner, T)).astype(dtype)
+    _blas.gemm(a, b, out=P[1], threads=1)
+    assert calls == [(R, T, inner)]
+    _close(P[1], a.astype(np.float64) @ b, 1e-5 if dtype == np.float32 else 1e-12)
+    assert np.isnan(P[0]).all() and np.isnan(P[2]).all()
+    got = _blas.gemm(P[1], P[1], trans_b=True, threads=1)        # (R, T) @ (T, R)
+    assert calls[1:] == [(R, R, T)]
+    _close(got, P[1].astype(np.float64) @ P[1].T, 1e-5 if dtype == np.float32 else 1e-12)
 
 
 # ----------------------------------------------------------------------
