@@ -564,18 +564,6 @@ def test_applies_only_to_3x3_stride_1_with_enough_channels():
         assert not winograd.applies(_geometry(C=C))
 
 
-def test_cpu_conv2d_takes_im2col_for_too_few_output_channels():
-    """The module says Winograd needs at least MIN_CHANNELS "in and out"
-    (MIN_CHANNELS: "fewer channels than this on either side" and the 16
-    multiplies are too thin)."""
-    rng = np.random.default_rng(22)
-    C, F = winograd.MIN_CHANNELS, winograd.MIN_CHANNELS - 1
-    x, w = rng.standard_normal((1, C, 6, 6)), rng.standard_normal((F, C, 3, 3))
-    with minimask.using_backend("cpu"):
-        _, cache = conv2d_forward(x, w, None, 1, 1)
-    assert not isinstance(cache[1], WinogradCache), f"F = {F} went through Winograd"
-
-
 def test_cpu_conv2d_takes_im2col_where_winograd_does_not_apply():
     rng = np.random.default_rng(17)
     with minimask.using_backend("cpu"):
