@@ -18,7 +18,7 @@ from minimask.exercises import (NotAttempted, check_answer_aspect_ratio,
                                 check_conv_backward_loops, check_conv_forward_loops,
                                 check_crop_background_fraction, check_focal_loss_gradient,
                                 check_fpn_level, check_launch_grid, check_output_partition,
-                                check_smooth_l1, grade)
+                                check_smooth_l1, check_winograd_f23, grade)
 
 # ---------------------------------------------------------------- chapter 1
 
@@ -161,6 +161,28 @@ def partition(n, workers, bug=None):
     return out
 
 
+def winograd_f23(d, g, bug=None):
+    """Winograd's F(2, 3) from the four products m0 .. m3 (Lavin and Gray, eq. 5)."""
+    half = 1.0 if bug == "no_half" else 0.5
+    m0 = (d[0] - d[2]) * g[0]
+    m1 = (d[1] + d[2]) * ((g[0] + g[1] + g[2]) * half)
+    m2 = (d[2] - d[1]) * ((g[0] - g[1] + g[2]) * half)
+    m3 = (d[1] - d[3]) * g[2]
+    if bug == "y1_sign":
+        return m0 + m1 + m2, m1 + m2 - m3
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+def correlate_directly(d, g):                       # right values, but 6 multiplies
+    return (d[0] * g[0] + d[1] * g[1] + d[2] * g[2],
+            d[1] * g[0] + d[2] * g[1] + d[3] * g[2])
+
+
+def winograd_f23_in_floats(d, g):                   # converts the counting numbers
+    d, g = [float(v) for v in d], [float(v) for v in g]
+    return winograd_f23(d, g)
+
+
 # ---------------------------------------------------------------- the tests
 
 CORRECT = [
@@ -173,6 +195,7 @@ CORRECT = [
     (check_smooth_l1, smooth_l1),
     (check_launch_grid, lambda n, t: (n + t - 1) // t),
     (check_output_partition, partition),
+    (check_winograd_f23, winograd_f23),
 ]
 
 WRONG = {
@@ -213,6 +236,12 @@ WRONG = {
                                       lambda n, w: partition(n, w, bug="overlap")),
     "partition: last worker takes the rest": (check_output_partition,
                                               lambda n, w: partition(n, w, bug="last_takes_rest")),
+    "winograd F(2, 3): the direct 6 multiplies": (check_winograd_f23, correlate_directly),
+    "winograd F(2, 3): sign of m2 in y1": (check_winograd_f23,
+                                           lambda d, g: winograd_f23(d, g, bug="y1_sign")),
+    "winograd F(2, 3): filter sums not halved": (check_winograd_f23,
+                                                 lambda d, g: winograd_f23(d, g, bug="no_half")),
+    "winograd F(2, 3): numbers turned into floats": (check_winograd_f23, winograd_f23_in_floats),
 }
 
 
@@ -261,6 +290,25 @@ def test_a_skeleton_is_not_attempted_not_a_crash(check, capsys):
     assert "not attempted yet" in capsys.readouterr().out
     with pytest.raises(NotAttempted):
         check(skeleton)
+
+
+@pytest.mark.parametrize("solution, says", [
+    (correlate_directly, "6; F(2, 3) needs only 4"),
+    (lambda d, g: winograd_f23(d, g, bug="y1_sign"), "1 of 2 entries differ; worst at (1,)"),
+    (lambda d, g: winograd_f23(d, g, bug="no_half"), "entries differ"),
+])
+def test_winograd_f23_grader_says_what_differs(solution, says, capsys):
+    assert check_winograd_f23(solution) is False
+    assert says in capsys.readouterr().out
+
+
+def test_winograd_f23_grader_counts_only_products_of_two_inputs():
+    # multiplying by constants (1/2, the matrices' 0 and +-1) is free: the
+    # matrix form y = A^T [(G g) * (B^T d)] passes with its 4 products
+    from minimask.layers.winograd import transform_matrices
+
+    BT, G, AT = transform_matrices()
+    assert check_winograd_f23(lambda d, g: AT @ ((G @ g) * (BT @ d)), verbose=False) is True
 
 
 def test_grade_returns_the_verdict_and_a_crash_is_a_failed_check(capsys):

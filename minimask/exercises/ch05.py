@@ -14,13 +14,26 @@
 
 ``check_answer_fma_per_global_load(value)``
     FMAs per element loaded from global memory for a ``64 x 64`` block tile.
+
+``check_winograd_f23(fn)``
+    ``fn(d, g) -> (y0, y1)``: the two outputs of the 3-tap correlation of
+    ``d`` (4 numbers) with ``g`` (3 numbers), ``y0 = d0 g0 + d1 g1 + d2 g2``
+    and ``y1 = d1 g0 + d2 g1 + d3 g2``, with Winograd's F(2, 3): at most 4
+    multiplies of one input-dependent number by another. The grader passes
+    numbers that count those multiplies (numpy object arrays of them: index
+    them, or use ``@`` with ``winograd.transform_matrices``-style constant
+    matrices); multiplying or dividing by a constant such as 1/2 is free, as
+    it is once per filter in a layer.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from minimask._cuda import blocks_for
 from minimask.exercises._grading import Grade
 
-__all__ = ["check_launch_grid", "check_output_partition", "check_answer_fma_per_global_load"]
+__all__ = ["check_launch_grid", "check_output_partition", "check_answer_fma_per_global_load",
+           "check_winograd_f23"]
 
 
 def check_launch_grid(fn, verbose: bool = True) -> bool:
@@ -98,4 +111,113 @@ def check_answer_fma_per_global_load(value, verbose: bool = True) -> bool:
     g = Grade("answer_fma_per_global_load", verbose)
     g.answer("FMAs per global load for a 64 x 64 block tile", value, 64 * 64 / (64 + 64),
              rtol=1e-6)
+    return g.finish()
+
+
+class _Counted:
+    """A number for ``check_winograd_f23``: it carries its value, whether it
+    depends on the grader's inputs (``varies``), and a shared counter of the
+    multiplies (and divisions) of two such numbers. Constants mix in freely."""
+
+    __slots__ = ("value", "varies", "counter")
+
+    def __init__(self, value, varies, counter):
+        self.value, self.varies, self.counter = float(value), varies, counter
+
+    def _other(self, other):
+        if isinstance(other, _Counted):
+            return other
+        if isinstance(other, (int, float, np.integer, np.floating)):
+            return _Counted(other, False, self.counter)
+        return None
+
+    def _combine(self, other, op, counts):
+        other = self._other(other)
+        if other is None:
+            return NotImplemented
+        if counts and self.varies and other.varies:
+            self.counter[0] += 1
+        return _Counted(op(self.value, other.value), self.varies or other.varies, self.counter)
+
+    def __add__(self, o):
+        return self._combine(o, lambda a, b: a + b, False)
+
+    def __radd__(self, o):
+        return self._combine(o, lambda a, b: b + a, False)
+
+    def __sub__(self, o):
+        return self._combine(o, lambda a, b: a - b, False)
+
+    def __rsub__(self, o):
+        return self._combine(o, lambda a, b: b - a, False)
+
+    def __mul__(self, o):
+        return self._combine(o, lambda a, b: a * b, True)
+
+    def __rmul__(self, o):
+        return self._combine(o, lambda a, b: b * a, True)
+
+    def __truediv__(self, o):
+        return self._combine(o, lambda a, b: a / b, True)
+
+    def __rtruediv__(self, o):
+        return self._combine(o, lambda a, b: b / a, True)
+
+    def __neg__(self):
+        return _Counted(-self.value, self.varies, self.counter)
+
+    def __pos__(self):
+        return self
+
+    def __float__(self):
+        raise TypeError("the grader's numbers count your multiplies: use + - * / (and @ on "
+                        "arrays of them), not float(), math functions or a float dtype")
+
+    def __repr__(self):
+        return f"{self.value!r}"
+
+
+def _plain(value):
+    """A result of the learner's function as a float (``None`` if it is not one)."""
+    if isinstance(value, _Counted):
+        return value.value
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    return None
+
+
+def check_winograd_f23(fn, verbose: bool = True) -> bool:
+    """Grade ``fn(d, g) -> (y0, y1)``: the 3-tap correlation's two outputs
+    with at most 4 multiplies (Winograd's F(2, 3))."""
+    g = Grade("winograd_f23", verbose)
+    rng = np.random.default_rng(23)
+    cases = [([1.0, 2.0, 3.0, 4.0], [1.0, 0.0, -1.0]),     # small integers: easy to follow by hand
+             ([0.0, 0.0, 5.0, 0.0], [2.0, 3.0, 7.0])]
+    cases += [(rng.normal(size=4), rng.normal(size=3)) for _ in range(3)]
+    most = 0
+    for k, (d, w) in enumerate(cases):
+        d, w = np.asarray(d, dtype=np.float64), np.asarray(w, dtype=np.float64)
+        name = f"d = {np.round(d, 3).tolist()}, g = {np.round(w, 3).tolist()}"
+        counter = [0]
+        d_in = np.array([_Counted(v, True, counter) for v in d], dtype=object)
+        g_in = np.array([_Counted(v, True, counter) for v in w], dtype=object)
+        ok, result = g.call(name, fn, d_in, g_in)
+        if not ok:
+            continue
+        try:
+            values = [_plain(v) for v in result]
+        except TypeError:
+            values = [None]
+        if len(values) != 2 or any(v is None for v in values):
+            g.record(name, False, f"return the two outputs (y0, y1) as numbers, got {result!r:.80}")
+            continue
+        expected = [d[0] * w[0] + d[1] * w[1] + d[2] * w[2],
+                    d[1] * w[0] + d[2] * w[1] + d[3] * w[2]]
+        g.compare(name, values, expected, rtol=1e-12, atol=1e-12)
+        most = max(most, counter[0])
+    if g.results and all(ok for _, ok, _ in g.results):
+        ok = most <= 4
+        g.record("multiplies of an input by an input, per call", ok,
+                 f"{most}" if ok else f"{most}; F(2, 3) needs only 4 (m0 .. m3). The sums and "
+                 "halves of g are free here: a layer computes them once per filter")
     return g.finish()
