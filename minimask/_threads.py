@@ -144,6 +144,8 @@ def _executor(workers):
     process (a pool inherited through fork has no threads behind it)."""
     with _POOL_LOCK:
         if _POOL["pid"] != os.getpid() or _POOL["workers"] < workers:
+            if _POOL["pid"] == os.getpid() and _POOL["executor"] is not None:
+                _POOL["executor"].shutdown(wait=False)     # its threads end when idle
             _POOL.update(pid=os.getpid(), workers=workers,
                          executor=ThreadPoolExecutor(workers, thread_name_prefix="minimask"))
         return _POOL["executor"]

@@ -826,7 +826,8 @@ def _check_dout(dout, shape, dtype):
 
 
 def conv2d_forward(x, w, b, stride=1, padding=0):
-    """2-D convolution (cross-correlation), by im2col and one GEMM.
+    """2-D convolution (cross-correlation), by im2col and one GEMM (on the
+    ``"cpu"`` backend, 3x3 stride-1 layers by Winograd: ``winograd.py``).
 
         out[n, f, p, q] = b[f] + sum_{c, i, j} w[f, c, i, j] * xpad[n, c, p*sh + i, q*sw + j]
 
