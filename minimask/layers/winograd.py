@@ -398,12 +398,12 @@ def _gt(u0, u1, u2, u3):
     return u0 + (u1 + u2) * 0.5, (u1 - u2) * 0.5, (u1 + u2) * 0.5 + u3
 
 
-@njit(cache=True)
+@parallel_kernel
 def _filter_transform_cpu(w, U):
     """U[:, f C + c] = G w[f, c] G^T, its 4x4 entries row by row (``U`` the
     (16, P) buffer behind ``planes``)."""
     F, C = w.shape[0], w.shape[1]
-    for f in range(F):
+    for f in prange(F):
         for c in range(C):
             # G w: one column of the 3x3 at a time, giving the (4, 3) product
             a0, a1, a2, a3 = _g(w[f, c, 0, 0], w[f, c, 1, 0], w[f, c, 2, 0])
@@ -416,11 +416,11 @@ def _filter_transform_cpu(w, U):
             U[12, f * C + c], U[13, f * C + c], U[14, f * C + c], U[15, f * C + c] = _g(a3, b3, c3)
 
 
-@njit(cache=True)
+@parallel_kernel
 def _filter_adjoint_cpu(dU, dw):
     """dw[f, c] = G^T dU[:, f C + c] G (``dU`` the (16, P) buffer behind ``planes``)."""
     F, C = dw.shape[0], dw.shape[1]
-    for f in range(F):
+    for f in prange(F):
         for c in range(C):
             # dU G: each of the 4 rows of dU times G, giving (4, 3)
             a0, a1, a2 = _gt(dU[0, f * C + c], dU[1, f * C + c], dU[2, f * C + c], dU[3, f * C + c])
