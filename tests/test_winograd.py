@@ -25,6 +25,10 @@ from minimask._threads import ParallelKernel
 from minimask.gradcheck import check_layer
 from minimask.layers import conv2d_backward, conv2d_forward, winograd
 from minimask.layers.conv import Geometry, WinogradCache
+from minimask.model import Config, RetinaMask
+from minimask.model import modules
+from minimask.model.backbone import ResNet
+from minimask.model.modules import Conv2d, GroupNorm, MaxPool2d, ReLU, Sequential
 # the fixtures that force the thread split and restore the settings afterwards
 from tests.test_threads import thresholds, two_threads  # noqa: F401
 
@@ -1052,3 +1056,221 @@ def test_run_shares_waits_for_every_share_when_one_fails():
     done_at_return = sorted(done)
     time.sleep(0.4)              # a share left running finishes before the next test
     assert done_at_return == [0, 2], "run_shares returned while share 2 was still running"
+
+
+# ----------------------------------------------------------------------
+# 9. No gradient for the input: conv2d_backward(need_dx=False) and the
+#    modules and models above it
+# ----------------------------------------------------------------------
+
+NEED_DX_CASES = [
+    # backend, stride, through Winograd
+    pytest.param("cpu", 1, True, id="cpu-winograd"),
+    pytest.param("cpu", 2, False, id="cpu-im2col-stride2"),
+    pytest.param("numpy", 1, False, id="numpy"),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend, stride, through_winograd", NEED_DX_CASES)
+def test_conv2d_backward_without_dx_gives_the_same_dw_and_db(backend, stride,
+                                                              through_winograd, dtype, bias):
+    """need_dx=False: dx is None, dw and db bit for bit those of the full
+    backward, in either order (the Winograd workspaces are shared)."""
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal((2, 8, 7, 6)).astype(dtype)           # odd rows
+    w = rng.standard_normal((9, 8, 3, 3)).astype(dtype)
+    b = rng.standard_normal(9).astype(dtype) if bias else None
+    with minimask.using_backend(backend):
+        out, cache = conv2d_forward(x, w, b, stride, 1)
+        assert isinstance(cache[1], WinogradCache) == through_winograd
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        first = conv2d_backward(dout, cache, need_dx=False)
+        full = conv2d_backward(dout, cache)
+        again = conv2d_backward(dout, cache, False)
+    assert full[0] is not None and full[0].shape == x.shape and full[0].dtype == dtype
+    for got in (first, again):
+        assert got[0] is None
+        assert got[1].dtype == dtype and np.array_equal(got[1], full[1])
+        if bias:
+            assert got[2].dtype == dtype and np.array_equal(got[2], full[2])
+        else:
+            assert got[2] is None and full[2] is None
+    # and they are the gradients (the "numpy" backend in float64)
+    up = [None if v is None else v.astype(np.float64) for v in (x, w, b, dout)]
+    with minimask.using_backend("numpy"):
+        _, ref_cache = conv2d_forward(up[0], up[1], up[2], stride, 1)
+        ref = conv2d_backward(up[3], ref_cache)
+    rel = 1e-5 if dtype == np.float32 else 1e-12
+    for g, e in zip(first[1:], ref[1:]):
+        if e is not None:
+            _close(g, e, rel)
+
+
+@pytest.fixture
+def conv_backward_calls(monkeypatch):
+    """Record the ``need_dx`` of every ``conv2d_backward`` a ``Conv2d``
+    module makes."""
+    seen = []
+    real = modules.conv2d_backward
+
+    def spy(dout, cache, need_dx=True):
+        seen.append(need_dx)
+        return real(dout, cache, need_dx)
+
+    monkeypatch.setattr(modules, "conv2d_backward", spy)
+    return seen
+
+
+def _grads(module):
+    return {name: np.array(p.grad) for name, p in module.named_parameters()}
+
+
+def _assert_same_grads(got, expect):
+    assert set(got) == set(expect)
+    for name in expect:
+        assert np.array_equal(got[name], expect[name]), name
+
+
+def _sequential(first, rng):
+    """Three Winograd / im2col convs with GroupNorm and ReLU between, after
+    a ``first`` layer: a Conv2d, a parameter-free ReLU or a GroupNorm."""
+    f64 = dict(rng=rng, dtype=np.float64)
+    head = {"conv": Conv2d(8, 8, 3, 1, 1, **f64),
+            "relu": ReLU(),
+            "groupnorm": GroupNorm(2, 8, dtype=np.float64)}[first]
+    if first == "groupnorm":
+        head.weight.value[...] = rng.uniform(0.5, 1.5, 8)
+        head.bias.value[...] = rng.standard_normal(8)
+    return Sequential(head, Conv2d(8, 12, 3, 2, 1, **f64), GroupNorm(4, 12, dtype=np.float64),
+                      ReLU(), Conv2d(12, 8, 3, 1, 1, **f64), MaxPool2d(3, 2, 1),
+                      Conv2d(8, 8, 1, 1, 0, bias=False, **f64))
+
+
+@pytest.mark.parametrize("first", ["conv", "relu", "groupnorm"])
+def test_sequential_backward_without_dx(first, conv_backward_calls):
+    """need_dx=False returns None; every parameter gradient equals the
+    need_dx=True run's; a first Conv2d skips its dx, the others do not."""
+    rng = np.random.default_rng(29)
+    seq = _sequential(first, rng)
+    x = rng.standard_normal((2, 8, 9, 8))
+    with minimask.using_backend("cpu"):
+        out, caches = seq.forward(x)
+        assert isinstance(caches[-3][1], WinogradCache)          # the 3x3 stride-1 conv
+        dout = rng.standard_normal(out.shape)
+        seq.zero_grad()
+        dx = seq.backward(dout, caches)
+        full = _grads(seq)
+        assert conv_backward_calls == [True] * len(conv_backward_calls)
+        conv_backward_calls.clear()
+        seq.zero_grad()
+        assert seq.backward(dout, caches, need_dx=False) is None
+        _assert_same_grads(_grads(seq), full)
+    assert dx is not None and dx.shape == x.shape
+    n_convs = sum(isinstance(m, Conv2d) for m in seq.layers)
+    expect = [True] * n_convs
+    if first == "conv":
+        expect[-1] = False                      # the first conv, called last
+    assert conv_backward_calls == expect
+    assert all(np.any(g != 0) for g in full.values())
+
+
+def _small_resnet(with_c2, rng):
+    return ResNet(stem_channels=8, stem_kernel=3, blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16),
+                  rng=rng, dtype=np.float64, with_c2=with_c2)
+
+
+@pytest.mark.parametrize("with_c2", [False, True])
+def test_backbone_backward_without_the_input_gradient(with_c2, conv_backward_calls):
+    """ResNet.backward(need_input_grad=False): None, the same parameter
+    gradients as need_input_grad=True, and only the stem conv skips dx."""
+    rng = np.random.default_rng(30)
+    backbone = _small_resnet(with_c2, rng)
+    x = rng.uniform(0, 1, (2, 3, 32, 24))
+    with minimask.using_backend("cpu"):
+        C, cache = backbone.forward(x)
+        dC = [rng.standard_normal(c.shape) for c in C]
+        backbone.zero_grad()
+        dx = backbone.backward(dC, cache)
+        full = _grads(backbone)
+        n_calls = len(conv_backward_calls)
+        assert conv_backward_calls == [True] * n_calls
+        conv_backward_calls.clear()
+        backbone.zero_grad()
+        assert backbone.backward(dC, cache, need_input_grad=False) is None
+        _assert_same_grads(_grads(backbone), full)
+    assert dx is not None and dx.shape == x.shape and np.any(dx != 0)
+    assert conv_backward_calls == [True] * (n_calls - 1) + [False]   # the stem conv is last
+    assert np.any(backbone.stem.layers[0].weight.grad != 0)
+
+
+@pytest.mark.parametrize("trainable_stages", [5, 3])
+def test_pretrained_resnet_backward_without_the_input_gradient(trainable_stages,
+                                                               conv_backward_calls):
+    """The torchvision-layout ResNet with the golden weights: None, and the
+    same parameter gradients as need_input_grad=True; with the stem
+    trainable its conv1 skips dx, with it frozen neither run reaches it."""
+    from tests.test_pretrained import golden_model
+    model, _ = golden_model("resnet_basic_narrow", trainable_stages=trainable_stages)
+    backbone = model.backbone
+    rng = np.random.default_rng(31)
+    x = rng.random((1, 3, 20, 24)) + 0.1
+    with minimask.using_backend("cpu"):
+        C, cache = backbone.forward(x)
+        dC = [rng.standard_normal(c.shape) for c in C]
+        backbone.zero_grad()
+        dx = backbone.backward(dC, cache)
+        full = _grads(backbone)
+        n_calls = len(conv_backward_calls)
+        conv_backward_calls.clear()
+        backbone.zero_grad()
+        assert backbone.backward(dC, cache, need_input_grad=False) is None
+        _assert_same_grads(_grads(backbone), full)
+    if trainable_stages == 5:
+        assert dx is not None and dx.shape == x.shape and np.any(dx != 0)
+        assert conv_backward_calls == [True] * (n_calls - 1) + [False]
+        assert np.any(backbone.conv1.weight.grad != 0)
+    else:
+        assert dx is None                       # the pass stops below layer2
+        assert conv_backward_calls == [True] * n_calls
+        assert np.all(backbone.conv1.weight.grad == 0)
+
+
+def test_retinamask_loss_gradients_do_not_depend_on_the_input_gradient(monkeypatch):
+    """The training step asks the backbone for no d(images); the tiny
+    model's loss and every parameter gradient are bit for bit those of a
+    step that computes it (the backbone called with need_input_grad=True)."""
+    from tests.test_model import scene
+    model = RetinaMask(Config.preset("tiny", num_classes=2))
+    images, targets = scene(64)
+    images = images.astype(np.float32)
+    real = model.backbone.backward
+    asked, returned = [], []
+
+    def calling(force):
+        """backbone.backward, recording what it was asked and returned;
+        ``force`` (not None) overrides need_input_grad."""
+        def backward(dfeatures, cache, need_input_grad=True):
+            asked.append(need_input_grad)
+            dx = real(dfeatures, cache,
+                      need_input_grad=need_input_grad if force is None else force)
+            returned.append(dx)
+            return dx
+        return backward
+
+    runs = []
+    with minimask.using_backend("cpu"):
+        for force in (None, True):
+            monkeypatch.setattr(model.backbone, "backward", calling(force))
+            asked.clear()
+            returned.clear()
+            losses = model.loss(images, targets)
+            runs.append((losses, _grads(model), list(asked), list(returned)))
+    (loss_a, grads_a, asked_a, ret_a), (loss_b, grads_b, asked_b, ret_b) = runs
+    assert asked_a == [False] and ret_a == [None]          # what the step asks for
+    assert len(ret_b) == 1 and ret_b[0] is not None and ret_b[0].shape == images.shape
+    for key in ("cls", "box", "mask", "total"):
+        assert loss_a[key] == loss_b[key], key
+    _assert_same_grads(grads_a, grads_b)
+    assert np.any(grads_a["backbone.stem.layers.0.weight"] != 0)   # the stem conv still trains
