@@ -25,6 +25,10 @@ from minimask._threads import ParallelKernel
 from minimask.gradcheck import check_layer
 from minimask.layers import conv2d_backward, conv2d_forward, winograd
 from minimask.layers.conv import Geometry, WinogradCache
+from minimask.model import Config, RetinaMask
+from minimask.model import modules
+from minimask.model.backbone import ResNet
+from minimask.model.modules import Conv2d, GroupNorm, MaxPool2d, ReLU, Sequential
 # the fixtures that force the thread split and restore the settings afterwards
 from tests.test_threads import thresholds, two_threads  # noqa: F401
 
@@ -159,15 +163,31 @@ KTH, KTW = winograd.tiles_of(KOH, KOW)
 KT = KN * KTH * KTW
 
 
+def _buffer(K, R, T, dtype=np.float64):
+    """A ``plane_buffer`` of K planes of (R, T), the (K, P) array the layer
+    hands the transform kernels, every element NaN: what a kernel leaves
+    unwritten shows, and so does a read of the unused tail of a row."""
+    buffer = winograd.plane_buffer(K, R, T, dtype)
+    assert buffer.shape == (K, winograd.plane_stride(R, T, np.dtype(dtype).itemsize))
+    buffer[...] = np.nan
+    return buffer
+
+
 def _planes(K, R, T, dtype=np.float64):
-    """A (K, R, T) array laid out as the layer lays out V, M, dM and dV."""
-    stride = winograd.plane_stride(R, T, np.dtype(dtype).itemsize)
-    return winograd.planes(np.full(K * stride, np.nan, dtype=dtype), K, R, T)
+    """A (K, R, T) array laid out as the layer lays out V, M, dM and dV: the
+    ``planes`` view of a NaN-filled ``_buffer``."""
+    return winograd.planes(_buffer(K, R, T, dtype), R, T)
+
+
+def _tail_untouched(buffer, R, T):
+    """The columns of a buffer past the (R, T) plane are still NaN."""
+    assert np.isnan(buffer[:, R * T:]).all(), "a kernel wrote past the end of a plane"
 
 
 def _both(kernel, make_outputs, inputs):
     """Run a ParallelKernel's serial and parallel versions on the same
-    inputs, each into fresh outputs; require them equal; return one."""
+    inputs, each into fresh outputs; require them equal (NaN where both
+    left an element unwritten); return one."""
     assert isinstance(kernel, ParallelKernel)
     results = []
     for version in (kernel.serial, kernel.parallel):
@@ -175,7 +195,7 @@ def _both(kernel, make_outputs, inputs):
         version(*inputs(outs))
         results.append(outs)
     for s, p in zip(*results):
-        assert np.array_equal(s, p), kernel
+        assert np.array_equal(s, p, equal_nan=True), kernel
     return results[0]
 
 
@@ -238,35 +258,43 @@ def _pad(x):
 
 
 def _input_transform(xpad):
-    (V,) = _both(winograd._input_transform_cpu, lambda: (_planes(16, KC, KT),),
-                 lambda o: (xpad, o[0], KTH, KTW))
-    return V
+    """V's planes (16, KC, KT) from the kernel, written into a (16, P) buffer."""
+    (Vb,) = _both(winograd._input_transform_cpu, lambda: (_buffer(16, KC, KT),),
+                  lambda o: (xpad, o[0], KTH, KTW))
+    _tail_untouched(Vb, KC, KT)
+    return winograd.planes(Vb, KC, KT)
 
 
-def _input_adjoint(dV):
+def _input_adjoint(dVb):
+    """dx from the kernel, ``dVb`` a (16, P) buffer."""
     (dx,) = _both(winograd._input_adjoint_cpu,
                   lambda: (np.full((KN, KC, KH, KW), np.nan),),
-                  lambda o: (dV, o[0], KPH, KPW, KTH, KTW))
+                  lambda o: (dVb, o[0], KPH, KPW, KTH, KTW))
     return dx
 
 
-def _output_transform(M, b, has_bias):
+def _output_transform(Mb, b, has_bias):
     (out,) = _both(winograd._output_transform_cpu,
                    lambda: (np.full((KN, KF, 2 * KTH, 2 * KTW), np.nan),),
-                   lambda o: (M, b, has_bias, o[0]))
+                   lambda o: (Mb, b, has_bias, o[0]))
     return out
 
 
 def _output_adjoint(dY):
-    (dM,) = _both(winograd._output_adjoint_cpu, lambda: (_planes(16, KF, KT),),
-                  lambda o: (dY, o[0]))
-    return dM
+    """(dM's planes (16, KF, KT), db) from the kernel."""
+    dMb, db = _both(winograd._output_adjoint_cpu,
+                    lambda: (_buffer(16, KF, KT), np.full(KF, np.nan)),
+                    lambda o: (dY, o[0], o[1]))
+    _tail_untouched(dMb, KF, KT)
+    return winograd.planes(dMb, KF, KT), db
 
 
-def _filled_planes(rng, K, R, T):
-    p = _planes(K, R, T)
-    p[...] = rng.standard_normal((K, R, T))
-    return p
+def _filled_buffer(rng, K, R, T):
+    """A ``_buffer`` whose planes hold random numbers (its tail stays NaN:
+    a kernel that reads it spreads NaN into its output)."""
+    buffer = _buffer(K, R, T)
+    winograd.planes(buffer, R, T)[...] = rng.standard_normal((K, R, T))
+    return buffer
 
 
 def test_input_transform_kernel_is_bt_d_b_on_the_padded_tiles():
@@ -281,36 +309,66 @@ def test_input_transform_kernel_is_bt_d_b_on_the_padded_tiles():
 
 
 def test_input_adjoint_kernel_matches_its_numpy_stage():
-    dV = _filled_planes(np.random.default_rng(4), 16, KC, KT)
-    _close(_input_adjoint(dV), _input_adjoint_reference(dV), 1e-14)
+    dVb = _filled_buffer(np.random.default_rng(4), 16, KC, KT)
+    expect = _input_adjoint_reference(winograd.planes(dVb, KC, KT))
+    _close(_input_adjoint(dVb), expect, 1e-14)
 
 
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_output_transform_kernel_matches_its_numpy_stage(has_bias):
     rng = np.random.default_rng(5)
-    M = _filled_planes(rng, 16, KF, KT)
+    Mb = _filled_buffer(rng, 16, KF, KT)
     b = rng.standard_normal(KF)
-    expect = _output_transform_reference(M, b if has_bias else np.zeros(KF))
-    _close(_output_transform(M, b, has_bias), expect, 1e-14)
+    expect = _output_transform_reference(winograd.planes(Mb, KF, KT),
+                                         b if has_bias else np.zeros(KF))
+    _close(_output_transform(Mb, b, has_bias), expect, 1e-14)
 
 
 def test_output_adjoint_kernel_matches_its_numpy_stage():
     dY = np.random.default_rng(6).standard_normal((KN, KF, 2 * KTH, 2 * KTW))
-    _close(_output_adjoint(dY), _output_adjoint_reference(dY), 1e-14)
+    dM, db = _output_adjoint(dY)
+    _close(dM, _output_adjoint_reference(dY), 1e-14)
+    _close(db, dY.sum(axis=(0, 2, 3)), 1e-14)
+
+
+@pytest.mark.parametrize("dtype, rel", [(np.float32, 1e-5), (np.float64, 1e-14)])
+@pytest.mark.parametrize("OH, OW", [(KOH, KOW), (2 * KTH, 2 * KTW), (2 * KTH - 1, 2 * KTW - 1)])
+def test_output_adjoint_kernel_gives_the_bias_gradient(OH, OW, dtype, rel):
+    """db[f] = sum of dout[:, f] over (n, h, w), also when the output has an
+    odd size and the caller pads dout with zeros to whole tiles (as
+    ``winograd.backward`` does): the zeros change neither db nor dM."""
+    assert winograd.tiles_of(OH, OW) == (KTH, KTW)
+    rng = np.random.default_rng(25)
+    dout = rng.standard_normal((KN, KF, OH, OW)).astype(dtype)
+    dY = np.zeros((KN, KF, 2 * KTH, 2 * KTW), dtype=dtype)
+    dY[:, :, :OH, :OW] = dout
+    dMb = _buffer(16, KF, KT, dtype)
+    db = np.full(KF, np.nan, dtype=dtype)
+    for version in (winograd._output_adjoint_cpu.serial, winograd._output_adjoint_cpu.parallel,
+                    winograd._output_adjoint_cpu):
+        db[...] = np.nan
+        version(dY, dMb, db)
+        assert db.dtype == dtype
+        _close(db, dout.astype(np.float64).sum(axis=(0, 2, 3)), rel)
+        _close(winograd.planes(dMb, KF, KT), _output_adjoint_reference(dY.astype(np.float64)),
+               rel)
+        _tail_untouched(dMb, KF, KT)
 
 
 def test_filter_transform_and_adjoint_kernels_match_their_numpy_stages():
     rng = np.random.default_rng(7)
     _, G, _ = winograd.transform_matrices()
     w = rng.standard_normal((KF, KC, 3, 3))
-    U = np.full((16, KF, KC), np.nan)
-    winograd._filter_transform_cpu(w, U)
+    Ub = _buffer(16, KF, KC)
+    winograd._filter_transform_cpu(w, Ub)
+    _tail_untouched(Ub, KF, KC)
     expect = np.stack([np.stack([(G @ w[f, c] @ G.T).reshape(16) for c in range(KC)], -1)
                        for f in range(KF)], 1)
-    _close(U, expect, 1e-14)
-    dU = rng.standard_normal((16, KF, KC))
+    _close(winograd.planes(Ub, KF, KC), expect, 1e-14)
+    dUb = _filled_buffer(rng, 16, KF, KC)
+    dU = winograd.planes(dUb, KF, KC)
     dw = np.full((KF, KC, 3, 3), np.nan)
-    winograd._filter_adjoint_cpu(dU, dw)
+    winograd._filter_adjoint_cpu(dUb, dw)
     expect = np.array([[G.T @ dU[:, f, c].reshape(4, 4) @ G for c in range(KC)]
                        for f in range(KF)])
     _close(dw, expect, 1e-14)
@@ -327,26 +385,26 @@ def _assert_adjoint(x, Ax, y, ATy):
 def test_input_adjoint_kernel_is_the_adjoint_of_pad_then_input_transform():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((KN, KC, KH, KW))
-    y = _filled_planes(rng, 16, KC, KT)
-    _assert_adjoint(x, _input_transform(_pad(x)), y, _input_adjoint(y))
+    yb = _filled_buffer(rng, 16, KC, KT)
+    _assert_adjoint(x, _input_transform(_pad(x)), winograd.planes(yb, KC, KT), _input_adjoint(yb))
 
 
 def test_output_adjoint_kernel_is_the_adjoint_of_the_output_transform():
     rng = np.random.default_rng(9)
-    M = _filled_planes(rng, 16, KF, KT)
+    Mb = _filled_buffer(rng, 16, KF, KT)
     y = rng.standard_normal((KN, KF, 2 * KTH, 2 * KTW))
-    Ax = _output_transform(M, np.zeros(KF), False)
-    _assert_adjoint(M, Ax, y, _output_adjoint(y))
+    Ax = _output_transform(Mb, np.zeros(KF), False)
+    _assert_adjoint(winograd.planes(Mb, KF, KT), Ax, y, _output_adjoint(y)[0])
 
 
 def test_filter_adjoint_kernel_is_the_adjoint_of_the_filter_transform():
     rng = np.random.default_rng(10)
     w = rng.standard_normal((KF, KC, 3, 3))
-    y = rng.standard_normal((16, KF, KC))
-    U, dw = np.empty((16, KF, KC)), np.empty((KF, KC, 3, 3))
-    winograd._filter_transform_cpu(w, U)
-    winograd._filter_adjoint_cpu(y, dw)
-    _assert_adjoint(w, U, y, dw)
+    yb = _filled_buffer(rng, 16, KF, KC)
+    Ub, dw = _buffer(16, KF, KC), np.empty((KF, KC, 3, 3))
+    winograd._filter_transform_cpu(w, Ub)
+    winograd._filter_adjoint_cpu(yb, dw)
+    _assert_adjoint(w, winograd.planes(Ub, KF, KC), winograd.planes(yb, KF, KC), dw)
 
 
 # ----------------------------------------------------------------------
@@ -606,9 +664,12 @@ def test_planes_layout(dtype, K, R, T):
     stride = winograd.plane_stride(R, T, item)
     assert stride * item % 4096 == 64
     assert stride >= R * T                                    # planes never overlap
-    buffer = np.empty(K * stride, dtype=dtype)
-    P = winograd.planes(buffer, K, R, T)
+    buffer = winograd.plane_buffer(K, R, T, dtype)
+    assert buffer.shape == (K, stride) and buffer.dtype == dtype
+    assert buffer.flags.c_contiguous                          # what the kernels index [k, r T + t]
+    P = winograd.planes(buffer, R, T)
     assert P.shape == (K, R, T) and P.dtype == dtype
+    assert np.shares_memory(P, buffer)
     base = buffer.ctypes.data
     for k in range(K):
         plane = P[k]
@@ -617,7 +678,27 @@ def test_planes_layout(dtype, K, R, T):
         assert plane.strides == (T * item, item)          # what _blas.gemm takes as is
         plane[...] = k
     assert all(np.all(P[k] == k) for k in range(K))      # no plane wrote over another
+    assert all(np.all(buffer[k, :R * T] == k) for k in range(K))   # plane k: row k's start
     assert (K - 1) * stride + R * T <= buffer.size
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_plane_buffer_takes_its_storage_from_the_workspace(dtype):
+    """With a workspace, the buffer is a (K, P) view of what
+    ``workspace(K P, dtype, key)`` returned, not a copy."""
+    K, R, T = 16, 5, 9
+    P = winograd.plane_stride(R, T, np.dtype(dtype).itemsize)
+    asked, given = [], []
+
+    def workspace(size, dt, key):
+        asked.append((size, np.dtype(dt), key))
+        given.append(np.empty(size, dtype=dt))
+        return given[-1]
+
+    buffer = winograd.plane_buffer(K, R, T, dtype, workspace, "winograd.test")
+    assert asked == [(K * P, np.dtype(dtype), "winograd.test")]
+    assert buffer.shape == (K, P) and buffer.dtype == dtype and buffer.flags.c_contiguous
+    assert buffer.ctypes.data == given[0].ctypes.data and np.shares_memory(buffer, given[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -654,22 +735,46 @@ def test_blas_takes_planes_without_a_copy(dtype, monkeypatch):
 
 @pytest.fixture
 def shares_seen(monkeypatch):
-    """Record the ``threads`` of each ``_threads.run_shares`` call."""
+    """Record ``(n_items, threads, pieces)`` of each ``_threads.run_shares`` call."""
     seen = []
     real = _threads.run_shares
 
-    def spy(share, n_items, threads):
-        seen.append((n_items, threads))
-        return real(share, n_items, threads)
+    def spy(share, n_items, threads, pieces=None):
+        seen.append((n_items, threads, pieces))
+        return real(share, n_items, threads, pieces)
 
     monkeypatch.setattr(_threads, "run_shares", spy)
     return seen
 
 
+@pytest.fixture
+def blas_calls(monkeypatch):
+    """Record ``(M, N, K)`` of every call into OpenBLAS's sgemm and dgemm
+    (each of them one multiply, or one share of one)."""
+    if _blas.info()["blas"] != "scipy-openblas":
+        pytest.fail(f"this test checks the OpenBLAS path: {_blas.info()['why']}")
+    calls = []
+    for name in ("sgemm", "dgemm"):
+        real = _blas._state[name]
+
+        def counting(*args, _real=real):
+            calls.append(tuple(args[3:6]))            # M, N, K of the call
+            return _real(*args)
+
+        monkeypatch.setitem(_blas._state, name, counting)
+    return calls
+
+
+def _op(m, trans):
+    """op(m) for a batch of matrices, in float64."""
+    m = m.astype(np.float64)
+    return m.transpose(0, 2, 1) if trans else m
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES)
 def test_batched_gemm_on_one_and_two_threads(trans_a, trans_b, dtype, thresholds,
-                                             two_threads, shares_seen):
+                                             two_threads, shares_seen, blas_calls):
     rng = np.random.default_rng(18)
     K, M, inner, N = 5, 7, 11, 13
     a = rng.standard_normal((K, inner, M) if trans_a else (K, M, inner)).astype(dtype)
@@ -681,15 +786,96 @@ def test_batched_gemm_on_one_and_two_threads(trans_a, trans_b, dtype, thresholds
         thresholds(None, flops)
         out = _planes(K, M, N, dtype)              # as the layer calls it
         shares_seen.clear()
+        blas_calls.clear()
         got = winograd.batched_gemm(a, b, out, trans_a, trans_b)
         assert got is out
-        # the batch split into shares, then each multiply whole on one thread
-        assert shares_seen[0] == (K, threads)
-        assert len(shares_seen) == 1 + K and all(t == 1 for _, t in shares_seen[1:])
+        # the batch shared out between the threads, one piece per multiply,
+        # and each multiply one whole OpenBLAS call
+        assert shares_seen == [(K, threads, K)]
+        assert blas_calls == [(M, N, inner)] * K
         rel = 1e-5 if dtype == np.float32 else 1e-12
         _close(out, expect, rel)
         results.append(np.array(out))
     assert np.array_equal(*results)       # each multiply whole on one thread either way
+
+
+def _filled_planes(rng, K, R, T, dtype):
+    """A ``planes`` view (of a NaN-filled buffer) holding random numbers."""
+    view = _planes(K, R, T, dtype)
+    view[...] = rng.standard_normal((K, R, T))
+    return view
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES)
+def test_gemm_batch_on_planes_against_matmul(trans_a, trans_b, dtype, thresholds,
+                                             two_threads, shares_seen, blas_calls):
+    """Operands and output as ``planes`` views (rows contiguous, planes P
+    apart), on one thread and split over two: by the FLOP rule
+    (``threads=None``, the threshold forced either way) and by ``threads``."""
+    rng = np.random.default_rng(26)
+    B, M, inner, N = 6, 9, 7, 12
+    a = _filled_planes(rng, B, *((inner, M) if trans_a else (M, inner)), dtype)
+    b = _filled_planes(rng, B, *((N, inner) if trans_b else (inner, N)), dtype)
+    expect = np.matmul(_op(a, trans_a), _op(b, trans_b))
+    rel = 1e-5 if dtype == np.float32 else 1e-12
+    results = []
+    for flops, threads, asked in ((1e30, 1, None), (0.0, 2, None), (1e30, 2, 2), (0.0, 1, 1)):
+        thresholds(None, flops)
+        buffer = _buffer(B, M, N, dtype)
+        out = winograd.planes(buffer, M, N)
+        shares_seen.clear()
+        blas_calls.clear()
+        got = _blas.gemm_batch(a, b, out, trans_a, trans_b, threads=asked)
+        assert got is out
+        assert shares_seen == [(B, threads, B)]
+        assert blas_calls == [(M, N, inner)] * B       # one OpenBLAS call per multiply
+        assert out.dtype == dtype
+        _close(out, expect, rel)
+        _tail_untouched(buffer, M, N)                 # nothing written between the planes
+        results.append(np.array(out))
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a, trans_b", TRANSPOSES)
+@pytest.mark.parametrize("strided", ["a", "b", "out"])
+def test_gemm_batch_falls_back_to_numpy_for_a_strided_last_axis(strided, trans_a, trans_b,
+                                                               dtype, thresholds, two_threads,
+                                                               shares_seen, blas_calls):
+    """A last axis that is not contiguous (here every second element) is
+    not something OpenBLAS takes: each multiply goes to NumPy, with the
+    same result, and only the output's own elements are written."""
+    rng = np.random.default_rng(27)
+    B, M, inner, N = 4, 5, 6, 7
+    a_shape = (B, inner, M) if trans_a else (B, M, inner)
+    b_shape = (B, N, inner) if trans_b else (B, inner, N)
+
+    def operand(shape, name):
+        if strided == name:
+            full = rng.standard_normal(shape[:2] + (2 * shape[2],)).astype(dtype)
+            view = full[:, :, ::2]
+            assert view.strides[2] == 2 * view.itemsize
+            return view
+        return rng.standard_normal(shape).astype(dtype)
+
+    a, b = operand(a_shape, "a"), operand(b_shape, "b")
+    expect = np.matmul(_op(a, trans_a), _op(b, trans_b))
+    rel = 1e-5 if dtype == np.float32 else 1e-12
+    for flops, threads in ((1e30, 1), (0.0, 2)):
+        thresholds(None, flops)
+        big = np.full((B, M, 2 * N) if strided == "out" else (B, M, N), np.nan, dtype=dtype)
+        out = big[:, :, ::2] if strided == "out" else big
+        shares_seen.clear()
+        blas_calls.clear()
+        got = _blas.gemm_batch(a, b, out, trans_a, trans_b)
+        assert got is out
+        assert blas_calls == []                       # NumPy's multiply, not OpenBLAS
+        assert shares_seen == [(B, threads, B)]       # still shared out by multiply
+        _close(out, expect, rel)
+        if strided == "out":
+            assert np.isnan(big[:, :, 1::2]).all()    # the elements between untouched
 
 
 # ----------------------------------------------------------------------
@@ -723,7 +909,8 @@ def test_blas_gemm_shares_into_strided_views(M, K, N, by, trans_a, trans_b, dtyp
             got = _blas.gemm(a, b, trans_a, trans_b, out=out, accumulate=accumulate,
                              threads=threads)
             assert got is out
-            assert shares_seen == [(n_shares, threads)]
+            # two pieces per thread, claimed (run_shares clips both to n_shares)
+            assert shares_seen == [(n_shares, threads, 2 * threads)]
             _close(out, expect + (before[1:1 + M, 4:4 + N] if accumulate else 0), rel)
             inside = np.zeros(big.shape, bool)
             inside[1:1 + M, 4:4 + N] = True
@@ -745,9 +932,82 @@ def test_run_shares_covers_every_index_once(n_items, threads):
     assert np.all(counts == 1)
     assert len(calls) == min(threads, n_items)
     assert all(lo < hi for lo, hi, _ in calls)
-    # the first share runs on the calling thread
-    first = [t for lo, _, t in calls if lo == 0]
-    assert first == [threading.get_ident()]
+    _assert_ran_on_caller_or_pool(calls, threads)
+
+
+def _assert_ran_on_caller_or_pool(calls, threads):
+    """Pieces are claimed by whichever thread comes first: each ran on the
+    calling thread or on one of minimask's pool threads, at most
+    ``threads`` of them in all (one thread for ``threads=1``)."""
+    pool_idents = {t.ident for t in threading.enumerate() if t.name.startswith("minimask")}
+    idents = {t for _, _, t in calls}
+    assert idents <= pool_idents | {threading.get_ident()}, "a piece ran on a foreign thread"
+    assert len(idents) <= threads
+    if threads == 1:
+        assert idents == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("n_items, threads, pieces", [(17, 2, 5), (17, 2, 34), (10, 3, 4),
+                                                      (7, 2, 9), (100, 5, 16), (3, 1, 2)])
+def test_run_shares_with_more_pieces_than_threads_covers_every_index_once(n_items, threads,
+                                                                          pieces):
+    counts = np.zeros(n_items, int)
+    calls, lock = [], threading.Lock()
+
+    def share(lo, hi):
+        with lock:
+            calls.append((lo, hi, threading.get_ident()))
+            counts[lo:hi] += 1
+
+    _threads.run_shares(share, n_items, threads, pieces=pieces)
+    assert np.all(counts == 1)
+    n_pieces = min(pieces, n_items) if threads > 1 else 1
+    assert len(calls) == n_pieces
+    # contiguous pieces that tile range(n_items), of sizes differing by at most one
+    spans = sorted((lo, hi) for lo, hi, _ in calls)
+    assert spans[0][0] == 0 and spans[-1][1] == n_items
+    assert all(prev[1] == nxt[0] for prev, nxt in zip(spans, spans[1:]))
+    sizes = {hi - lo for lo, hi in spans}
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    _assert_ran_on_caller_or_pool(calls, threads)
+
+
+def test_run_shares_does_every_piece_itself_when_the_pool_is_blocked(monkeypatch):
+    """A pool thread that never comes (here: the pool's only worker is
+    busy with another task) holds nothing up: the calling thread claims
+    every piece, and run_shares returns while the worker is still busy."""
+    for key in list(_threads._POOL):          # restored after the test
+        monkeypatch.setitem(_threads._POOL, key, _threads._POOL[key])
+    _threads._POOL.update(pid=None, workers=0, executor=None)
+    pool = _threads._executor(1)               # a fresh pool of one worker
+    started, release, blocker_done = threading.Event(), threading.Event(), threading.Event()
+
+    def blocker():
+        started.set()
+        release.wait(timeout=30)               # the test cannot hang on it
+        blocker_done.set()
+
+    pool.submit(blocker)
+    try:
+        assert started.wait(timeout=30), "the pool's worker never started"
+        assert _threads._executor(1) is pool   # the pool run_shares will use
+        me = threading.get_ident()
+        for n, pieces in ((10, None), (10, 4), (3, 8)):
+            calls = []
+
+            def share(lo, hi):
+                calls.append((lo, hi, threading.get_ident()))
+
+            _threads.run_shares(share, n, 2, pieces=pieces)
+            assert not blocker_done.is_set(), "run_shares waited for the busy pool thread"
+            expect = min(pieces or 2, n)
+            assert sorted(c[:2] for c in calls) == [(n * i // expect, n * (i + 1) // expect)
+                                                    for i in range(expect)]
+            assert all(t == me for _, _, t in calls), "a piece ran on the blocked pool"
+    finally:
+        release.set()
+        pool.shutdown(wait=True)
+    assert blocker_done.is_set()
 
 
 def test_run_shares_propagates_an_exception_from_a_pool_share():
@@ -796,3 +1056,221 @@ def test_run_shares_waits_for_every_share_when_one_fails():
     done_at_return = sorted(done)
     time.sleep(0.4)              # a share left running finishes before the next test
     assert done_at_return == [0, 2], "run_shares returned while share 2 was still running"
+
+
+# ----------------------------------------------------------------------
+# 9. No gradient for the input: conv2d_backward(need_dx=False) and the
+#    modules and models above it
+# ----------------------------------------------------------------------
+
+NEED_DX_CASES = [
+    # backend, stride, through Winograd
+    pytest.param("cpu", 1, True, id="cpu-winograd"),
+    pytest.param("cpu", 2, False, id="cpu-im2col-stride2"),
+    pytest.param("numpy", 1, False, id="numpy"),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend, stride, through_winograd", NEED_DX_CASES)
+def test_conv2d_backward_without_dx_gives_the_same_dw_and_db(backend, stride,
+                                                              through_winograd, dtype, bias):
+    """need_dx=False: dx is None, dw and db bit for bit those of the full
+    backward, in either order (the Winograd workspaces are shared)."""
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal((2, 8, 7, 6)).astype(dtype)           # odd rows
+    w = rng.standard_normal((9, 8, 3, 3)).astype(dtype)
+    b = rng.standard_normal(9).astype(dtype) if bias else None
+    with minimask.using_backend(backend):
+        out, cache = conv2d_forward(x, w, b, stride, 1)
+        assert isinstance(cache[1], WinogradCache) == through_winograd
+        dout = rng.standard_normal(out.shape).astype(dtype)
+        first = conv2d_backward(dout, cache, need_dx=False)
+        full = conv2d_backward(dout, cache)
+        again = conv2d_backward(dout, cache, False)
+    assert full[0] is not None and full[0].shape == x.shape and full[0].dtype == dtype
+    for got in (first, again):
+        assert got[0] is None
+        assert got[1].dtype == dtype and np.array_equal(got[1], full[1])
+        if bias:
+            assert got[2].dtype == dtype and np.array_equal(got[2], full[2])
+        else:
+            assert got[2] is None and full[2] is None
+    # and they are the gradients (the "numpy" backend in float64)
+    up = [None if v is None else v.astype(np.float64) for v in (x, w, b, dout)]
+    with minimask.using_backend("numpy"):
+        _, ref_cache = conv2d_forward(up[0], up[1], up[2], stride, 1)
+        ref = conv2d_backward(up[3], ref_cache)
+    rel = 1e-5 if dtype == np.float32 else 1e-12
+    for g, e in zip(first[1:], ref[1:]):
+        if e is not None:
+            _close(g, e, rel)
+
+
+@pytest.fixture
+def conv_backward_calls(monkeypatch):
+    """Record the ``need_dx`` of every ``conv2d_backward`` a ``Conv2d``
+    module makes."""
+    seen = []
+    real = modules.conv2d_backward
+
+    def spy(dout, cache, need_dx=True):
+        seen.append(need_dx)
+        return real(dout, cache, need_dx)
+
+    monkeypatch.setattr(modules, "conv2d_backward", spy)
+    return seen
+
+
+def _grads(module):
+    return {name: np.array(p.grad) for name, p in module.named_parameters()}
+
+
+def _assert_same_grads(got, expect):
+    assert set(got) == set(expect)
+    for name in expect:
+        assert np.array_equal(got[name], expect[name]), name
+
+
+def _sequential(first, rng):
+    """Three Winograd / im2col convs with GroupNorm and ReLU between, after
+    a ``first`` layer: a Conv2d, a parameter-free ReLU or a GroupNorm."""
+    f64 = dict(rng=rng, dtype=np.float64)
+    head = {"conv": Conv2d(8, 8, 3, 1, 1, **f64),
+            "relu": ReLU(),
+            "groupnorm": GroupNorm(2, 8, dtype=np.float64)}[first]
+    if first == "groupnorm":
+        head.weight.value[...] = rng.uniform(0.5, 1.5, 8)
+        head.bias.value[...] = rng.standard_normal(8)
+    return Sequential(head, Conv2d(8, 12, 3, 2, 1, **f64), GroupNorm(4, 12, dtype=np.float64),
+                      ReLU(), Conv2d(12, 8, 3, 1, 1, **f64), MaxPool2d(3, 2, 1),
+                      Conv2d(8, 8, 1, 1, 0, bias=False, **f64))
+
+
+@pytest.mark.parametrize("first", ["conv", "relu", "groupnorm"])
+def test_sequential_backward_without_dx(first, conv_backward_calls):
+    """need_dx=False returns None; every parameter gradient equals the
+    need_dx=True run's; a first Conv2d skips its dx, the others do not."""
+    rng = np.random.default_rng(29)
+    seq = _sequential(first, rng)
+    x = rng.standard_normal((2, 8, 9, 8))
+    with minimask.using_backend("cpu"):
+        out, caches = seq.forward(x)
+        assert isinstance(caches[-3][1], WinogradCache)          # the 3x3 stride-1 conv
+        dout = rng.standard_normal(out.shape)
+        seq.zero_grad()
+        dx = seq.backward(dout, caches)
+        full = _grads(seq)
+        assert conv_backward_calls == [True] * len(conv_backward_calls)
+        conv_backward_calls.clear()
+        seq.zero_grad()
+        assert seq.backward(dout, caches, need_dx=False) is None
+        _assert_same_grads(_grads(seq), full)
+    assert dx is not None and dx.shape == x.shape
+    n_convs = sum(isinstance(m, Conv2d) for m in seq.layers)
+    expect = [True] * n_convs
+    if first == "conv":
+        expect[-1] = False                      # the first conv, called last
+    assert conv_backward_calls == expect
+    assert all(np.any(g != 0) for g in full.values())
+
+
+def _small_resnet(with_c2, rng):
+    return ResNet(stem_channels=8, stem_kernel=3, blocks=(1, 1, 1, 1), widths=(8, 8, 16, 16),
+                  rng=rng, dtype=np.float64, with_c2=with_c2)
+
+
+@pytest.mark.parametrize("with_c2", [False, True])
+def test_backbone_backward_without_the_input_gradient(with_c2, conv_backward_calls):
+    """ResNet.backward(need_input_grad=False): None, the same parameter
+    gradients as need_input_grad=True, and only the stem conv skips dx."""
+    rng = np.random.default_rng(30)
+    backbone = _small_resnet(with_c2, rng)
+    x = rng.uniform(0, 1, (2, 3, 32, 24))
+    with minimask.using_backend("cpu"):
+        C, cache = backbone.forward(x)
+        dC = [rng.standard_normal(c.shape) for c in C]
+        backbone.zero_grad()
+        dx = backbone.backward(dC, cache)
+        full = _grads(backbone)
+        n_calls = len(conv_backward_calls)
+        assert conv_backward_calls == [True] * n_calls
+        conv_backward_calls.clear()
+        backbone.zero_grad()
+        assert backbone.backward(dC, cache, need_input_grad=False) is None
+        _assert_same_grads(_grads(backbone), full)
+    assert dx is not None and dx.shape == x.shape and np.any(dx != 0)
+    assert conv_backward_calls == [True] * (n_calls - 1) + [False]   # the stem conv is last
+    assert np.any(backbone.stem.layers[0].weight.grad != 0)
+
+
+@pytest.mark.parametrize("trainable_stages", [5, 3])
+def test_pretrained_resnet_backward_without_the_input_gradient(trainable_stages,
+                                                               conv_backward_calls):
+    """The torchvision-layout ResNet with the golden weights: None, and the
+    same parameter gradients as need_input_grad=True; with the stem
+    trainable its conv1 skips dx, with it frozen neither run reaches it."""
+    from tests.test_pretrained import golden_model
+    model, _ = golden_model("resnet_basic_narrow", trainable_stages=trainable_stages)
+    backbone = model.backbone
+    rng = np.random.default_rng(31)
+    x = rng.random((1, 3, 20, 24)) + 0.1
+    with minimask.using_backend("cpu"):
+        C, cache = backbone.forward(x)
+        dC = [rng.standard_normal(c.shape) for c in C]
+        backbone.zero_grad()
+        dx = backbone.backward(dC, cache)
+        full = _grads(backbone)
+        n_calls = len(conv_backward_calls)
+        conv_backward_calls.clear()
+        backbone.zero_grad()
+        assert backbone.backward(dC, cache, need_input_grad=False) is None
+        _assert_same_grads(_grads(backbone), full)
+    if trainable_stages == 5:
+        assert dx is not None and dx.shape == x.shape and np.any(dx != 0)
+        assert conv_backward_calls == [True] * (n_calls - 1) + [False]
+        assert np.any(backbone.conv1.weight.grad != 0)
+    else:
+        assert dx is None                       # the pass stops below layer2
+        assert conv_backward_calls == [True] * n_calls
+        assert np.all(backbone.conv1.weight.grad == 0)
+
+
+def test_retinamask_loss_gradients_do_not_depend_on_the_input_gradient(monkeypatch):
+    """The training step asks the backbone for no d(images); the tiny
+    model's loss and every parameter gradient are bit for bit those of a
+    step that computes it (the backbone called with need_input_grad=True)."""
+    from tests.test_model import scene
+    model = RetinaMask(Config.preset("tiny", num_classes=2))
+    images, targets = scene(64)
+    images = images.astype(np.float32)
+    real = model.backbone.backward
+    asked, returned = [], []
+
+    def calling(force):
+        """backbone.backward, recording what it was asked and returned;
+        ``force`` (not None) overrides need_input_grad."""
+        def backward(dfeatures, cache, need_input_grad=True):
+            asked.append(need_input_grad)
+            dx = real(dfeatures, cache,
+                      need_input_grad=need_input_grad if force is None else force)
+            returned.append(dx)
+            return dx
+        return backward
+
+    runs = []
+    with minimask.using_backend("cpu"):
+        for force in (None, True):
+            monkeypatch.setattr(model.backbone, "backward", calling(force))
+            asked.clear()
+            returned.clear()
+            losses = model.loss(images, targets)
+            runs.append((losses, _grads(model), list(asked), list(returned)))
+    (loss_a, grads_a, asked_a, ret_a), (loss_b, grads_b, asked_b, ret_b) = runs
+    assert asked_a == [False] and ret_a == [None]          # what the step asks for
+    assert len(ret_b) == 1 and ret_b[0] is not None and ret_b[0].shape == images.shape
+    for key in ("cls", "box", "mask", "total"):
+        assert loss_a[key] == loss_b[key], key
+    _assert_same_grads(grads_a, grads_b)
+    assert np.any(grads_a["backbone.stem.layers.0.weight"] != 0)   # the stem conv still trains
