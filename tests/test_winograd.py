@@ -45,6 +45,14 @@ def _auto_algorithm():
     winograd.set_algorithm(old)
 
 
+@pytest.fixture(autouse=True)
+def _small_maps_take_winograd_too(monkeypatch):
+    """The layer takes Winograd only from ``MIN_POSITIONS`` output positions
+    (below, im2col is faster); these tests use tiny maps, so the floor is 1
+    here. ``test_applies_from_min_positions`` checks the floor itself."""
+    monkeypatch.setattr(winograd, "MIN_POSITIONS", 1)
+
+
 def _pair(padding):
     return (padding, padding) if np.isscalar(padding) else tuple(padding)
 
@@ -605,6 +613,19 @@ def _geometry(C=8, k=3, stride=1, padding=1, H=6, W=6):
     OH = (H + 2 * padding - k) // stride + 1
     OW = (W + 2 * padding - k) // stride + 1
     return Geometry(2, C, H, W, k, k, stride, stride, padding, padding, OH, OW)
+
+
+def test_applies_from_min_positions(monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_POSITIONS", 64)
+    C = winograd.MIN_CHANNELS
+    # N OH OW output positions: 2 x 4 x 8 = 64 takes it, 2 x 4 x 7 = 56 does not
+    assert winograd.applies(Geometry(2, C, 4, 8, 3, 3, 1, 1, 1, 1, 4, 8))
+    assert not winograd.applies(Geometry(2, C, 4, 7, 3, 3, 1, 1, 1, 1, 4, 7))
+    assert not winograd.applies(Geometry(1, C, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1))
+    with minimask.using_backend("cpu"):
+        x = np.ones((1, C, 2, 2), np.float32)
+        _, cache = conv2d_forward(x, np.ones((4, C, 3, 3), np.float32), None, padding=1)
+    assert not isinstance(cache[1], WinogradCache)      # 4 positions: im2col
 
 
 def test_applies_only_to_3x3_stride_1_with_enough_channels():

@@ -473,7 +473,10 @@ def plane_buffer(K, R, T, dtype, workspace=None, key=None):
 def planes(buffer, R, T):
     """The (K, R, T) view of a ``plane_buffer``: plane k is the row-major
     (R, T) matrix at the start of row k."""
-    return buffer[:, :R * T].reshape(buffer.shape[0], R, T)
+    # explicit strides: NumPy may give a length-1 axis any stride, and BLAS
+    # (minimask._blas) wants the last one to be one element
+    return np.lib.stride_tricks.as_strided(
+        buffer, (buffer.shape[0], R, T), (buffer.strides[0], T * buffer.itemsize, buffer.itemsize))
 
 
 def _pad_input(x, g, TH, TW):
