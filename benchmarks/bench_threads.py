@@ -9,8 +9,10 @@ For each layer of the ``"cpu"`` backend (forward + backward, float32) and a
 sweep of sizes, it times the call with every kernel forced serial (the
 rule's thresholds set above any work) and with every kernel forced parallel
 on all of Numba's threads (thresholds 0), interleaved, median of ``--reps``;
-then what the rule itself picks at that size and how long that takes. The
-BLAS multiply is swept the same way (1 OpenBLAS thread against all).
+then what the rule itself picks at that size and how long that takes (the
+rule includes the load check, ``minimask._threads.threads_now``; the forced
+columns ignore it). The BLAS multiply is swept the same way (one thread
+against the multiply split over all, and the rule).
 
 ``--busy K`` starts K processes that spin on a core for the whole run (the
 case the issue names: another process busy on a 2-core machine).
@@ -120,6 +122,7 @@ def main(argv=None):
     load_before = os.getloadavg()
     rows = []
     default = _threads.set_thresholds()
+    aware = _threads.set_load_aware(True)       # restored at the end
     try:
         with minimask.using_backend("cpu"):
             for label, n, make in _layer_cases(args.quick):
@@ -127,11 +130,13 @@ def main(argv=None):
                     fn()                                   # compile / warm
                     serial, parallel, rule = [], [], []
                     for _ in range(args.reps):             # interleaved
+                        _threads.set_load_aware(False)     # forced: whatever the load
                         _threads.set_thresholds(1 << 62, 1e30)
                         serial += _time(fn, 1)
                         _threads.set_thresholds(0, 0.0)
                         parallel += _time(fn, 1)
                         _threads.set_thresholds(*default)
+                        _threads.set_load_aware(aware)     # the rule as it runs
                         rule += _time(fn, 1)
                     row = {"layer": layer, "size": label, "elements": n,
                            "serial_ms": 1e3 * statistics.median(serial),
@@ -148,23 +153,28 @@ def main(argv=None):
                 a = rng.standard_normal((M, K)).astype(np.float32)
                 b = rng.standard_normal((K, N)).astype(np.float32)
                 _blas.gemm(a, b)
-                one, many = [], []
+                one, many, by_rule = [], [], []
                 for _ in range(args.reps):
+                    _threads.set_load_aware(False)
                     _threads.set_thresholds(None, 1e30)
                     one += _time(lambda: _blas.gemm(a, b), 1)
                     _threads.set_thresholds(None, 0.0)
                     many += _time(lambda: _blas.gemm(a, b), 1)
-                _threads.set_thresholds(*default)
+                    _threads.set_thresholds(*default)
+                    _threads.set_load_aware(aware)
+                    by_rule += _time(lambda: _blas.gemm(a, b), 1)
                 row = {"M": M, "K": K, "N": N, "flops": 2.0 * M * K * N,
                        "one_ms": 1e3 * statistics.median(one),
                        "all_ms": 1e3 * statistics.median(many),
+                       "rule_ms": 1e3 * statistics.median(by_rule),
                        "rule_threads": _threads.gemm_threads(2.0 * M * K * N)}
                 gemm_rows.append(row)
                 print(f"gemm {M}x{K}x{N:<6d} {row['flops']:10.3g} flop  1 thread "
                       f"{row['one_ms']:8.3f} ms  {threads} threads {row['all_ms']:8.3f} ms"
-                      f"  rule: {row['rule_threads']} thread(s)", flush=True)
+                      f"  rule {row['rule_ms']:8.3f} ms ({row['rule_threads']} thread(s))", flush=True)
     finally:
         _threads.set_thresholds(*default)
+        _threads.set_load_aware(aware)
         stop.set()
         for p in spinners:
             p.join()

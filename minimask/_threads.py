@@ -18,10 +18,16 @@ call picks one by the size of its work:
   the array arguments (inputs and outputs) unless the kernel gives its own
   measure; below ``KERNEL_SERIAL_ELEMENTS`` the serial version runs.
 * BLAS multiplies (``gemm_threads``): the work is ``2 M N K`` FLOPs; below
-  ``GEMM_SERIAL_FLOPS`` one OpenBLAS thread, else Numba's thread count.
+  ``GEMM_SERIAL_FLOPS`` one thread, else the multiply is cut into pieces
+  that minimask's own threads claim (``run_shares``; OpenBLAS itself always
+  runs on one thread per call, see ``minimask._blas``).
 
-With one thread (``numba.set_num_threads(1)``, ``NUMBA_NUM_THREADS=1``) the
-serial versions always run. The thresholds were measured with
+"More than one thread" means ``threads_now()``: Numba's thread count, less
+the cores that other processes keep busy right now (``free_cores``, from
+Linux's count of runnable tasks). Beside one busy process on a 2-core
+machine every kernel runs serially, as it should: a second thread would
+share a core with that process. With one thread (``numba.set_num_threads(1)``,
+``NUMBA_NUM_THREADS=1``) the serial versions always run. The thresholds were measured with
 ``benchmarks/bench_threads.py`` (1 against 2 threads per layer and size, idle
 and with one busy process); ``set_thresholds`` changes them (the benchmark
 and the tests use it), no user needs to.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -63,10 +70,80 @@ def set_thresholds(kernel_elements=None, gemm_flops=None):
 
 
 def gemm_threads(flops: float) -> int:
-    """OpenBLAS threads for a multiply of ``flops`` floating-point operations."""
+    """Threads for a multiply of ``flops`` floating-point operations: one
+    below ``GEMM_SERIAL_FLOPS``, else ``threads_now()``."""
     if flops < GEMM_SERIAL_FLOPS:
         return 1
-    return numba.get_num_threads()
+    return threads_now()
+
+
+# ----------------------------------------------------------------------
+# Cores that other processes are using
+# ----------------------------------------------------------------------
+#
+# On a machine where another process keeps a core busy, a second thread of
+# ours shares that core with it: a parallel loop then waits at its end for a
+# thread running at half speed (or not yet scheduled), and is slower than
+# the same loop on one thread. OpenMP's answer is "dynamic adjustment of the
+# number of threads" (OMP_DYNAMIC; GNU's runtime reads the load average);
+# minimask does the same with Linux's instantaneous count of runnable tasks
+# (the fourth field of /proc/loadavg, "running/total"): the cores we may
+# use are those of our CPU set minus the other runnable tasks. It is read
+# at most every LOAD_RECHECK_S seconds (reading costs ~10 us), and where it
+# cannot be read (not Linux) every thread is used.
+
+LOAD_RECHECK_S = 0.05
+_load = {"aware": os.environ.get("MINIMASK_LOAD_AWARE", "1").strip() != "0",
+         "checked": -1.0, "free": None}
+
+
+def set_load_aware(flag: bool) -> bool:
+    """Turn the load check on or off (``MINIMASK_LOAD_AWARE=0`` starts it
+    off); returns the previous setting. Off, ``threads_now()`` is Numba's
+    thread count (the benchmark's forced columns and the tests use this)."""
+    old = _load["aware"]
+    _load["aware"] = bool(flag)
+    _load["checked"] = -1.0
+    return old
+
+
+def _our_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _running_tasks():
+    """Runnable tasks on the machine now (Linux), None where unknown."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def free_cores():
+    """Cores of our CPU set not taken by other runnable tasks, or None when
+    unknown. The count includes the thread that reads it (this one), so
+    one running task is ours."""
+    now = time.monotonic()
+    if now - _load["checked"] >= LOAD_RECHECK_S:
+        _load["checked"] = now
+        running = _running_tasks()
+        _load["free"] = None if running is None else max(1, _our_cores() - max(0, running - 1))
+    return _load["free"]
+
+
+def threads_now() -> int:
+    """The threads a parallel kernel or a split multiply may use now:
+    Numba's thread count, less the cores other processes keep busy (when
+    the load check is on)."""
+    n = numba.get_num_threads()
+    if n <= 1 or not _load["aware"]:
+        return n
+    free = free_cores()
+    return n if free is None else max(1, min(n, free))
 
 
 def array_elements(args) -> int:
@@ -75,9 +152,9 @@ def array_elements(args) -> int:
 
 
 def use_parallel(work: int) -> bool:
-    """The rule: parallel when there is more than one thread to use and the
-    work is at least ``KERNEL_SERIAL_ELEMENTS``."""
-    return work >= KERNEL_SERIAL_ELEMENTS and numba.get_num_threads() > 1
+    """The rule: parallel when the work is at least ``KERNEL_SERIAL_ELEMENTS``
+    and there is more than one thread to use now (``threads_now``)."""
+    return work >= KERNEL_SERIAL_ELEMENTS and threads_now() > 1
 
 
 class ParallelKernel:

@@ -28,12 +28,76 @@ def thresholds():
 
 @pytest.fixture
 def two_threads():
+    """Two Numba threads, and the load check off: what the rule picks must
+    not depend on what else the test machine runs."""
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.fail("these tests need Numba to have at least 2 threads")
     old = numba.get_num_threads()
     numba.set_num_threads(2)
+    aware = _threads.set_load_aware(False)
     yield
+    _threads.set_load_aware(aware)
     numba.set_num_threads(old)
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    """``fake_load(running, cores)``: the load check sees ``running`` runnable
+    tasks (ours included) on ``cores`` cores."""
+    def set_load(running, cores):
+        monkeypatch.setattr(_threads, "_running_tasks", lambda: running)
+        monkeypatch.setattr(_threads, "_our_cores", lambda: cores)
+        _threads.set_load_aware(True)         # also forgets the last reading
+    aware = _threads.set_load_aware(True)
+    yield set_load
+    _threads.set_load_aware(aware)
+
+
+def test_threads_now_leaves_the_cores_other_processes_use(fake_load):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.fail("this test needs Numba to have at least 2 threads")
+    old = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        big = 2 * _threads.KERNEL_SERIAL_ELEMENTS
+        fake_load(1, 2)                       # only us: both threads
+        assert _threads.free_cores() == 2 and _threads.threads_now() == 2
+        assert _threads.use_parallel(big) and _threads.gemm_threads(1e12) == 2
+        fake_load(2, 2)                       # one busy process beside us: one thread
+        assert _threads.free_cores() == 1 and _threads.threads_now() == 1
+        assert not _threads.use_parallel(big) and _threads.gemm_threads(1e12) == 1
+        fake_load(9, 2)                       # never fewer than one
+        assert _threads.threads_now() == 1
+        fake_load(3, 8)                       # 8 cores, 2 others: still our 2 threads
+        assert _threads.free_cores() == 6 and _threads.threads_now() == 2
+        fake_load(None, 2)                    # unknown (not Linux): every thread
+        assert _threads.free_cores() is None and _threads.threads_now() == 2
+        _threads.set_load_aware(False)        # off: Numba's count whatever the load
+        fake_load(5, 2)
+        _threads.set_load_aware(False)
+        assert _threads.threads_now() == 2
+    finally:
+        numba.set_num_threads(old)
+
+
+def test_the_load_is_read_at_most_every_recheck_interval(fake_load, monkeypatch):
+    calls = []
+    fake_load(1, 2)
+    monkeypatch.setattr(_threads, "_running_tasks", lambda: calls.append(1) or 1)
+    monkeypatch.setattr(_threads, "LOAD_RECHECK_S", 3600.0)
+    _threads.set_load_aware(True)
+    for _ in range(100):
+        _threads.free_cores()
+    assert len(calls) == 1
+
+
+def test_running_tasks_reads_linux_loadavg():
+    import sys
+    running = _threads._running_tasks()
+    if sys.platform.startswith("linux"):
+        assert isinstance(running, int) and running >= 1     # this test is running
+    else:
+        assert running is None
 
 
 def test_rule_picks_serial_for_small_work_and_parallel_for_large(two_threads):
