@@ -45,16 +45,16 @@ import numba
 import numpy as np
 from numba import njit
 
-# From benchmarks/bench_threads.py on the 2-core machine, run at load 4.3
-# (the machine was shared; to be re-measured idle and with --busy 1).
-# Element-wise kernels are memory-bound: up to 1M elements of arguments
-# (4 MB in float32) two threads gained nothing there (ReLU, GroupNorm,
-# RoIAlign on 2 x 64 x 64 x 64: 1 thread 0.14 / 0.25 / 1.8 ms, 2 threads
-# 0.16 / 0.30 / 1.8 ms), and on an idle machine they could save at most a
-# fraction of those milliseconds. A multiply paid for a second thread from
-# about 4e7 FLOPs (64 x 576 x 512: 0.37 ms on 1 thread, 0.20 ms on 2) and
-# not at 1e7 (0.48 / 0.45 ms).
-KERNEL_SERIAL_ELEMENTS = 1 << 20
+# From benchmarks/bench_threads.py on the idle 2-core machine (19:48 UTC,
+# float32, fwd + bwd, medians of 9). Element-wise kernels are memory-bound:
+# at 1M elements of arguments two threads still lost (ReLU on 2 x 64 x 64 x
+# 64: 0.112 ms on 1 thread, 0.165 on 2; GroupNorm 0.208 / 0.232) and at 4M
+# they won (ReLU 2 x 64 x 128 x 128: 0.75 / 0.48 ms; GroupNorm 1.14 / 0.69).
+# Kernels with more arithmetic per element say so with their own work
+# measure (the focal loss: 64 per logit). A multiply paid for a second
+# thread from about 4e7 FLOPs (64 x 576 x 512: 0.385 ms on 1 thread, 0.270
+# on 2) and not at 1e7 (64 x 576 x 128: 0.102 / 0.121 ms).
+KERNEL_SERIAL_ELEMENTS = 1 << 21
 GEMM_SERIAL_FLOPS = 2.0e7
 
 

@@ -189,7 +189,15 @@ focal_terms_cpu, focal_terms_cuda = _cuda.compile_for_both(_focal_terms)
 # --------------------------------------------------------------------------
 
 
-@parallel_kernel
+def _focal_work(x, *rest):
+    """The thread rule's work measure: a focal term (an exp, a log1p, a
+    division, a pow) costs about what 64 elements of an element-wise copy
+    do. Measured: 2 x 4096 x 8 logits took 0.98 ms on one thread and 0.60
+    on two; 2 x 1024 x 8, 0.25 and 0.23."""
+    return 64 * x.size
+
+
+@parallel_kernel(work=_focal_work)
 def _focal_forward_cpu(x, t, w, has_weights, alpha, gamma, loss, grad):
     """Fill ``loss`` and ``grad`` (the local derivative) and return the float64
     sum of ``loss``. ``total`` is a prange reduction variable, not a shared
