@@ -211,51 +211,51 @@ def _tile_index(n, ty, tx):
     return (n * KTH + ty) * KTW + tx
 
 
+def _tiles():
+    """(n, ty, tx, t) of every tile of the kernel tests' geometry."""
+    for n in range(KN):
+        for ty in range(KTH):
+            for tx in range(KTW):
+                yield n, ty, tx, _tile_index(n, ty, tx)
+
+
 def _input_transform_reference(xpad):
     BT, _, _ = winograd.transform_matrices()
     V = np.empty((16, KC, KT))
-    for n in range(KN):
-        for c in range(KC):
-            for ty in range(KTH):
-                for tx in range(KTW):
-                    d = xpad[n, c, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4]
-                    V[:, c, _tile_index(n, ty, tx)] = (BT @ d @ BT.T).reshape(16)
+    for c in range(KC):
+        for n, ty, tx, t in _tiles():
+            d = xpad[n, c, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4]
+            V[:, c, t] = (BT @ d @ BT.T).reshape(16)
     return V
 
 
 def _input_adjoint_reference(dV):
     BT, _, _ = winograd.transform_matrices()
     dxpad = np.zeros((KN, KC, 2 * KTH + 2, 2 * KTW + 2))
-    for n in range(KN):
-        for c in range(KC):
-            for ty in range(KTH):
-                for tx in range(KTW):
-                    tile = dV[:, c, _tile_index(n, ty, tx)].reshape(4, 4)
-                    dxpad[n, c, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4] += BT.T @ tile @ BT
+    for c in range(KC):
+        for n, ty, tx, t in _tiles():
+            tile = dV[:, c, t].reshape(4, 4)
+            dxpad[n, c, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4] += BT.T @ tile @ BT
     return dxpad[:, :, KPH:KPH + KH, KPW:KPW + KW]
 
 
 def _output_transform_reference(M, b):
     _, _, AT = winograd.transform_matrices()
     out = np.empty((KN, KF, 2 * KTH, 2 * KTW))
-    for n in range(KN):
-        for f in range(KF):
-            for ty in range(KTH):
-                for tx in range(KTW):
-                    tile = M[:, f, _tile_index(n, ty, tx)].reshape(4, 4)
-                    out[n, f, 2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2] = AT @ tile @ AT.T + b[f]
+    for f in range(KF):
+        for n, ty, tx, t in _tiles():
+            tile = M[:, f, t].reshape(4, 4)
+            out[n, f, 2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2] = AT @ tile @ AT.T + b[f]
     return out
 
 
 def _output_adjoint_reference(dY):
     _, _, AT = winograd.transform_matrices()
     dM = np.empty((16, KF, KT))
-    for n in range(KN):
-        for f in range(KF):
-            for ty in range(KTH):
-                for tx in range(KTW):
-                    tile = dY[n, f, 2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2]
-                    dM[:, f, _tile_index(n, ty, tx)] = (AT.T @ tile @ AT).reshape(16)
+    for f in range(KF):
+        for n, ty, tx, t in _tiles():
+            tile = dY[n, f, 2 * ty:2 * ty + 2, 2 * tx:2 * tx + 2]
+            dM[:, f, t] = (AT.T @ tile @ AT).reshape(16)
     return dM
 
 
