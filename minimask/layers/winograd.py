@@ -247,7 +247,15 @@ def _a(y0, y1):
     return y0, y0 + y1, y0 - y1, -y1
 
 
-@parallel_kernel
+def _tile_work(*args):
+    """The thread rule's work measure for the tile transforms: twice the
+    elements of their arrays (a tile is a few dozen additions over 16
+    planes). Measured, 4 x 64 x 32 x 32 (1.3M elements): 0.265 ms on one
+    thread, 0.188 on two; 4 x 64 x 16 x 16 (345K): 0.068 / 0.083."""
+    return 2 * _threads.array_elements(args)
+
+
+@parallel_kernel(work=_tile_work)
 def _input_transform_cpu(xpad, V, TH, TW):
     """V[xi, c T + t] = (B^T d[c, t] B)[xi], d the 4x4 tile of ``xpad`` at
     (2 ty, 2 tx). ``xpad`` is the input with its zero padding on (and room
@@ -279,7 +287,7 @@ def _input_transform_cpu(xpad, V, TH, TW):
                     V[12, t], V[13, t], V[14, t], V[15, t] = _bt(r30, r31, r32, r33)
 
 
-@parallel_kernel
+@parallel_kernel(work=_tile_work)
 def _output_transform_cpu(M, b, has_bias, out):
     """out[n, f, 2 ty + a, 2 tx + b] = (A^T M[:, f T + t] A)[a, b] + b[f]. ``out``
     is (N, F, 2 TH, 2 TW): the caller crops a last row or column of tiles
@@ -310,7 +318,7 @@ def _output_transform_cpu(M, b, has_bias, out):
                     out[n, f, h + 1, v + 1] = y11 + shift
 
 
-@parallel_kernel
+@parallel_kernel(work=_tile_work)
 def _output_adjoint_cpu(dout, dM, db):
     """dM[:, f T + t] = A dY A^T, dY the 2x2 tile of ``dout`` at (2 ty, 2 tx),
     and on the way the bias gradient db[f] = sum of dout[:, f]. ``dout`` is
@@ -352,7 +360,7 @@ def _add_row(plane, h, v, e0, e1, e2, e3):
     plane[h, v + 3] += k3
 
 
-@parallel_kernel
+@parallel_kernel(work=_tile_work)
 def _input_adjoint_cpu(dV, dx, ph, pw, TH, TW):
     """dx = sum over tiles of B dV[:, c T + t] B^T, added where the tile was
     read, then the padding dropped. Parallel over (n, c) planes: a plane's
