@@ -148,7 +148,11 @@ def threads_now() -> int:
 
 def array_elements(args) -> int:
     """The default work measure: elements of the array arguments."""
-    return sum(a.size for a in args if isinstance(a, np.ndarray))
+    total = 0
+    for a in args:
+        if isinstance(a, np.ndarray):
+            total += a.size
+    return total
 
 
 def use_parallel(work: int) -> bool:

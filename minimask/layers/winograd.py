@@ -483,8 +483,8 @@ def planes(buffer, R, T):
     (R, T) matrix at the start of row k."""
     # explicit strides: NumPy may give a length-1 axis any stride, and BLAS
     # (minimask._blas) wants the last one to be one element
-    return np.lib.stride_tricks.as_strided(
-        buffer, (buffer.shape[0], R, T), (buffer.strides[0], T * buffer.itemsize, buffer.itemsize))
+    return np.ndarray((buffer.shape[0], R, T), buffer.dtype, buffer,
+                      strides=(buffer.strides[0], T * buffer.itemsize, buffer.itemsize))
 
 
 def _pad_input(x, g, TH, TW):
