@@ -89,8 +89,10 @@ def gemm_threads(flops: float) -> int:
 # minimask does the same with Linux's instantaneous count of runnable tasks
 # (the fourth field of /proc/loadavg, "running/total"): the cores we may
 # use are those of our CPU set minus the other runnable tasks. It is read
-# at most every LOAD_RECHECK_S seconds (reading costs ~10 us), and where it
-# cannot be read (not Linux) every thread is used.
+# at most every LOAD_RECHECK_S seconds, less our own running threads (from
+# /proc/self/task: a pool thread finishing its piece is not another
+# process's load); reading both costs ~50 us. Where they cannot be read
+# (not Linux) every thread is used.
 
 LOAD_RECHECK_S = 0.05
 _load = {"aware": os.environ.get("MINIMASK_LOAD_AWARE", "1").strip() != "0",
@@ -114,24 +116,36 @@ def _our_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _running_tasks():
-    """Runnable tasks on the machine now (Linux), None where unknown."""
+def _other_running_tasks():
+    """Runnable tasks on the machine now that are not threads of this
+    process (Linux), None where unknown. Our own threads are left out: a
+    pool thread still finishing its piece, or an OpenMP thread on its way
+    to sleep, is not another process's load."""
     try:
         with open("/proc/loadavg") as f:
-            return int(f.read().split()[3].split("/")[0])
+            total = int(f.read().split()[3].split("/")[0])
+        ours = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:                  # the thread ended meanwhile
+                continue
+            if stat[stat.rindex(")") + 2] == "R":
+                ours += 1
+        return max(0, total - ours)
     except (OSError, ValueError, IndexError):
         return None
 
 
 def free_cores():
-    """Cores of our CPU set not taken by other runnable tasks, or None when
-    unknown. The count includes the thread that reads it (this one), so
-    one running task is ours."""
+    """Cores of our CPU set not taken by other processes' runnable tasks, or
+    None when unknown."""
     now = time.monotonic()
     if now - _load["checked"] >= LOAD_RECHECK_S:
         _load["checked"] = now
-        running = _running_tasks()
-        _load["free"] = None if running is None else max(1, _our_cores() - max(0, running - 1))
+        others = _other_running_tasks()
+        _load["free"] = None if others is None else max(1, _our_cores() - others)
     return _load["free"]
 
 

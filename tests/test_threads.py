@@ -42,10 +42,10 @@ def two_threads():
 
 @pytest.fixture
 def fake_load(monkeypatch):
-    """``fake_load(running, cores)``: the load check sees ``running`` runnable
-    tasks (ours included) on ``cores`` cores."""
-    def set_load(running, cores):
-        monkeypatch.setattr(_threads, "_running_tasks", lambda: running)
+    """``fake_load(others, cores)``: the load check sees ``others`` runnable
+    tasks of other processes on ``cores`` cores."""
+    def set_load(others, cores):
+        monkeypatch.setattr(_threads, "_other_running_tasks", lambda: others)
         monkeypatch.setattr(_threads, "_our_cores", lambda: cores)
         _threads.set_load_aware(True)         # also forgets the last reading
     aware = _threads.set_load_aware(True)
@@ -60,15 +60,15 @@ def test_threads_now_leaves_the_cores_other_processes_use(fake_load):
     numba.set_num_threads(2)
     try:
         big = 2 * _threads.KERNEL_SERIAL_ELEMENTS
-        fake_load(1, 2)                       # only us: both threads
+        fake_load(0, 2)                       # only us: both threads
         assert _threads.free_cores() == 2 and _threads.threads_now() == 2
         assert _threads.use_parallel(big) and _threads.gemm_threads(1e12) == 2
-        fake_load(2, 2)                       # one busy process beside us: one thread
+        fake_load(1, 2)                       # one busy process beside us: one thread
         assert _threads.free_cores() == 1 and _threads.threads_now() == 1
         assert not _threads.use_parallel(big) and _threads.gemm_threads(1e12) == 1
-        fake_load(9, 2)                       # never fewer than one
+        fake_load(8, 2)                       # never fewer than one
         assert _threads.threads_now() == 1
-        fake_load(3, 8)                       # 8 cores, 2 others: still our 2 threads
+        fake_load(2, 8)                       # 8 cores, 2 others: still our 2 threads
         assert _threads.free_cores() == 6 and _threads.threads_now() == 2
         fake_load(None, 2)                    # unknown (not Linux): every thread
         assert _threads.free_cores() is None and _threads.threads_now() == 2
@@ -82,8 +82,8 @@ def test_threads_now_leaves_the_cores_other_processes_use(fake_load):
 
 def test_the_load_is_read_at_most_every_recheck_interval(fake_load, monkeypatch):
     calls = []
-    fake_load(1, 2)
-    monkeypatch.setattr(_threads, "_running_tasks", lambda: calls.append(1) or 1)
+    fake_load(0, 2)
+    monkeypatch.setattr(_threads, "_other_running_tasks", lambda: calls.append(1) or 0)
     monkeypatch.setattr(_threads, "LOAD_RECHECK_S", 3600.0)
     _threads.set_load_aware(True)
     for _ in range(100):
@@ -91,13 +91,31 @@ def test_the_load_is_read_at_most_every_recheck_interval(fake_load, monkeypatch)
     assert len(calls) == 1
 
 
-def test_running_tasks_reads_linux_loadavg():
+def test_other_running_tasks_leaves_out_our_own_threads():
     import sys
-    running = _threads._running_tasks()
-    if sys.platform.startswith("linux"):
-        assert isinstance(running, int) and running >= 1     # this test is running
-    else:
-        assert running is None
+    import threading
+    if not sys.platform.startswith("linux"):
+        assert _threads._other_running_tasks() is None
+        return
+    baseline = [_threads._other_running_tasks() for _ in range(5)]
+    assert all(isinstance(n, int) and n >= 0 for n in baseline)
+    # a thread of ours kept running (BLAS releases the GIL): not another
+    # process's load, so it must not raise the count
+    stop = threading.Event()
+    a = np.random.default_rng(0).standard_normal((300, 300))
+
+    def work():
+        while not stop.is_set():
+            a @ a
+
+    t = threading.Thread(target=work)
+    t.start()
+    try:
+        busy_here = [_threads._other_running_tasks() for _ in range(5)]
+    finally:
+        stop.set()
+        t.join()
+    assert min(busy_here) <= max(baseline)
 
 
 def test_rule_picks_serial_for_small_work_and_parallel_for_large(two_threads):
