@@ -81,6 +81,12 @@ def _torch_fn(dtype, threads):
 
 def role(side, threads, steps, out_path):
     if side == "minimask":
+        import minimask
+        # before Numba's threads start: set_num_threads launches them, and
+        # an OpenMP pool launched before configure_process() spins between
+        # kernels (it took the second core from the multiply: 2 threads
+        # measured 27-43 ms a call instead of 22)
+        minimask.configure_process()
         import numba
         if threads:
             numba.set_num_threads(threads)
@@ -93,6 +99,7 @@ def role(side, threads, steps, out_path):
         info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     step()
     wall, cpu = [], []
+    step()                       # a second warm-up: new workspaces fault their pages in
     for _ in range(steps):
         t, c = time.perf_counter(), time.process_time()
         step()
