@@ -74,3 +74,20 @@ def test_network_step_equals_model_loss(overrides, levels_read):
         assert mine[k] == pytest.approx(ref[k], rel=1e-12, abs=0)
     for k, p in model.named_parameters():
         np.testing.assert_allclose(p.grad, ref_grads[k], rtol=1e-10, atol=1e-14 * np.abs(ref_grads[k]).max())
+
+
+def test_threads_step_benchmark_times_both_thread_counts(tmp_path):
+    """bench_threads_step's measuring process: one row with 1- and 2-thread
+    times of the same step, beside a busy process (the spinner must stop)."""
+    import json
+    import multiprocessing
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_threads_step.py"))
+    out = tmp_path / "row.json"
+    before = len(multiprocessing.active_children())
+    bench["role"]("tiny", 64, 1, steps=2, rounds=1, busy=1, out=str(out))
+    row = json.loads(out.read_text())
+    assert (row["preset"], row["size"], row["busy"]) == ("tiny", 64, 1)
+    assert len(row["one_times_s"]) == len(row["two_times_s"]) == 2
+    assert all(t > 0 for t in row["one_times_s"] + row["two_times_s"])
+    assert row["one_ms"] == pytest.approx(1e3 * float(np.median(row["one_times_s"])))
+    assert len(multiprocessing.active_children()) == before      # the spinner was joined
