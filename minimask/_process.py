@@ -11,8 +11,9 @@ What it sets, and why:
 - ``OMP_WAIT_POLICY=passive`` (unless already set). Numba's parallel kernels
   run on OpenMP threads that, by default, spin for a while after each
   parallel loop waiting for more work. Between two kernels the GEMM runs on
-  OpenBLAS's own threads, and on a 2-core machine the spinning OpenMP
-  threads steal its cores: a training step of the tiny model at 128x128
+  other threads (minimask's own, ``minimask._blas``; OpenBLAS's before
+  that), and on a 2-core machine the spinning OpenMP threads steal their
+  cores: a training step of the tiny model at 128x128
   took 1.21 s that way and 0.078 s with passive waiting (2-core CI
   machine). The OpenMP runtime reads the variable once, when it starts, so
   this only helps before the first parallel kernel has run. In a process
