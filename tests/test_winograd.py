@@ -938,9 +938,9 @@ def test_blas_gemm_shares_into_strided_views(M, K, N, by, trans_a, trans_b, dtyp
             assert np.array_equal(big[~inside], before[~inside])   # nothing else written
 
 
-@pytest.mark.parametrize("n_items", [1, 2, 3, 17])
-@pytest.mark.parametrize("threads", [1, 2, 5])
-def test_run_shares_covers_every_index_once(n_items, threads):
+def _recording_share(n_items):
+    """``(share, counts, calls)``: a share that counts the indices it is given
+    and records ``(lo, hi, thread)`` of every call."""
     counts = np.zeros(n_items, int)
     calls, lock = [], threading.Lock()
 
@@ -948,7 +948,13 @@ def test_run_shares_covers_every_index_once(n_items, threads):
         with lock:
             calls.append((lo, hi, threading.get_ident()))
             counts[lo:hi] += 1
+    return share, counts, calls
 
+
+@pytest.mark.parametrize("n_items", [1, 2, 3, 17])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_run_shares_covers_every_index_once(n_items, threads):
+    share, counts, calls = _recording_share(n_items)
     _threads.run_shares(share, n_items, threads)
     assert np.all(counts == 1)
     assert len(calls) == min(threads, n_items)
@@ -972,14 +978,7 @@ def _assert_ran_on_caller_or_pool(calls, threads):
                                                       (7, 2, 9), (100, 5, 16), (3, 1, 2)])
 def test_run_shares_with_more_pieces_than_threads_covers_every_index_once(n_items, threads,
                                                                           pieces):
-    counts = np.zeros(n_items, int)
-    calls, lock = [], threading.Lock()
-
-    def share(lo, hi):
-        with lock:
-            calls.append((lo, hi, threading.get_ident()))
-            counts[lo:hi] += 1
-
+    share, counts, calls = _recording_share(n_items)
     _threads.run_shares(share, n_items, threads, pieces=pieces)
     assert np.all(counts == 1)
     n_pieces = min(pieces, n_items) if threads > 1 else 1
