@@ -771,7 +771,9 @@ def shares_seen(monkeypatch):
 @pytest.fixture
 def blas_calls(monkeypatch):
     """Record ``(M, N, K)`` of every call into OpenBLAS's sgemm and dgemm
-    (each of them one multiply, or one share of one)."""
+    (each of them one multiply, or one share of one): from Python through
+    ctypes, and from the compiled batch loop ``_blas._gemm_loop`` (one entry
+    per multiply it makes)."""
     if _blas.info()["blas"] != "scipy-openblas":
         pytest.fail(f"this test checks the OpenBLAS path: {_blas.info()['why']}")
     calls = []
@@ -783,6 +785,14 @@ def blas_calls(monkeypatch):
             return _real(*args)
 
         monkeypatch.setitem(_blas._state, name, counting)
+    real_loop = _blas._gemm_loop
+
+    def counting_loop(fn, ta, tb, M, N, K, *rest):
+        lo, hi = rest[-2:]
+        calls.extend([(M, N, K)] * (hi - lo))
+        return real_loop(fn, ta, tb, M, N, K, *rest)
+
+    monkeypatch.setattr(_blas, "_gemm_loop", counting_loop)
     return calls
 
 
