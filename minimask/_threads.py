@@ -88,15 +88,17 @@ def gemm_threads(flops: float) -> int:
 # number of threads" (OMP_DYNAMIC; GNU's runtime reads the load average);
 # minimask does the same with Linux's instantaneous count of runnable tasks
 # (the fourth field of /proc/loadavg, "running/total"): the cores we may
-# use are those of our CPU set minus the other runnable tasks. It is read
-# at most every LOAD_RECHECK_S seconds, less our own running threads (from
-# /proc/self/task: a pool thread finishing its piece is not another
-# process's load); reading both costs ~50 us. Where they cannot be read
-# (not Linux) every thread is used.
+# use are those of our CPU set minus the other runnable tasks (the least of
+# the last LOAD_READINGS readings: a task runnable at one reading only does
+# not count). It is read at most every LOAD_RECHECK_S seconds, less our own
+# running threads (from /proc/self/task: a pool thread finishing its piece
+# is not another process's load); reading both costs ~50 us. Where they
+# cannot be read (not Linux) every thread is used.
 
 LOAD_RECHECK_S = 0.05
+LOAD_READINGS = 3
 _load = {"aware": os.environ.get("MINIMASK_LOAD_AWARE", "1").strip() != "0",
-         "checked": -1.0, "free": None}
+         "checked": -1.0, "free": None, "readings": []}
 
 
 def set_load_aware(flag: bool) -> bool:
@@ -106,6 +108,7 @@ def set_load_aware(flag: bool) -> bool:
     old = _load["aware"]
     _load["aware"] = bool(flag)
     _load["checked"] = -1.0
+    _load["readings"] = []
     return old
 
 
@@ -140,12 +143,19 @@ def _other_running_tasks():
 
 def free_cores():
     """Cores of our CPU set not taken by other processes' runnable tasks, or
-    None when unknown."""
+    None when unknown. The count is the smallest of the last
+    ``LOAD_READINGS`` readings: a busy process is runnable in every one of
+    them, while a kernel thread or a short job that happens to run at one
+    reading does not cost us a thread for the next 50 ms."""
     now = time.monotonic()
     if now - _load["checked"] >= LOAD_RECHECK_S:
         _load["checked"] = now
         others = _other_running_tasks()
-        _load["free"] = None if others is None else max(1, _our_cores() - others)
+        readings = _load["readings"]
+        readings.append(others)
+        del readings[:-LOAD_READINGS]
+        known = [r for r in readings if r is not None]
+        _load["free"] = max(1, _our_cores() - min(known)) if known else None
     return _load["free"]
 
 

@@ -80,6 +80,18 @@ def test_threads_now_leaves_the_cores_other_processes_use(fake_load):
         numba.set_num_threads(old)
 
 
+def test_a_task_runnable_at_one_reading_only_does_not_cost_a_thread(fake_load, monkeypatch):
+    fake_load(0, 2)
+    monkeypatch.setattr(_threads, "LOAD_RECHECK_S", 0.0)       # every call reads
+    readings = iter([0, 1, 0, 0, 1, 1, 1, 0])
+    monkeypatch.setattr(_threads, "_other_running_tasks", lambda: next(readings))
+    _threads.set_load_aware(True)
+    seen = [_threads.free_cores() for _ in range(8)]
+    # the least of the last three readings: one busy reading is ignored,
+    # three in a row count; the first idle reading after them frees the core
+    assert seen == [2, 2, 2, 2, 2, 2, 1, 2]
+
+
 def test_the_load_is_read_at_most_every_recheck_interval(fake_load, monkeypatch):
     calls = []
     fake_load(0, 2)
