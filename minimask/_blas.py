@@ -36,6 +36,7 @@ from numba import njit
 from minimask import _threads
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+GEMM_PIECES = 4          # pieces of a large multiply, whatever the thread count
 
 _state: dict | None = None
 
@@ -159,10 +160,17 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, threads
         finally:
             set_local(previous)
 
+    flops = 2.0 * M * N * K
     if threads is None:
-        threads = _threads.gemm_threads(2.0 * M * N * K)
-    # two pieces per thread: a late thread's piece can go to another
-    _threads.run_shares(share, -(-(N if by_cols else M) // unit), threads, pieces=2 * threads)
+        threads = _threads.gemm_threads(flops)
+    # A large multiply is always cut into the same GEMM_PIECES pieces, however
+    # many threads take them: OpenBLAS may round a block of columns
+    # differently from the whole, and a result must not depend on the
+    # thread count the load check gives (resumed training is compared bit for
+    # bit). Small multiplies are one call. Several pieces per thread also let
+    # a late thread's piece go to another.
+    pieces = GEMM_PIECES if (flops >= _threads.GEMM_SERIAL_FLOPS or threads > 1) else 1
+    _threads.run_shares(share, -(-(N if by_cols else M) // unit), threads, pieces=pieces)
     return out
 
 
@@ -203,7 +211,7 @@ def gemm_batch(a, b, out, trans_a=False, trans_b=False, threads=None):
         def share(lo, hi):
             for k in range(lo, hi):
                 gemm(a[k], b[k], trans_a, trans_b, out=out[k], threads=1)
-        _threads.run_shares(share, B, threads, pieces=B)
+        _threads.run_shares(share, B, threads, pieces=B if threads > 1 else None)
         return out
     single = a.dtype == np.float32
     fn = _state["sgemm_ptr"] if single else _state["dgemm_ptr"]
@@ -223,5 +231,5 @@ def gemm_batch(a, b, out, trans_a=False, trans_b=False, threads=None):
         finally:
             set_local(previous)
 
-    _threads.run_shares(share, B, threads, pieces=B)
+    _threads.run_shares(share, B, threads, pieces=B if threads > 1 else None)
     return out

@@ -187,9 +187,16 @@ def use_parallel(work: int) -> bool:
 
 class ParallelKernel:
     """A Numba kernel compiled twice, called through the rule. ``.parallel``
-    and ``.serial`` are the two dispatchers (tests call them directly)."""
+    and ``.serial`` are the two dispatchers (tests call them directly).
 
-    def __init__(self, fn, work, options):
+    ``reduces=True`` marks a kernel that sums across its parallel loop (a
+    loss): its parallel and serial versions add in different orders, so it
+    picks by work size and Numba's thread count only, never by the machine's
+    load - a run's numbers must not depend on what else the machine does
+    (resumed training is checked bit for bit)."""
+
+    def __init__(self, fn, work, options, reduces=False):
+        self.reduces = bool(reduces)
         # __name__, __doc__, __module__, __qualname__ and __wrapped__ of the
         # Python function: inspect.getsource(kernel) shows its source.
         functools.update_wrapper(self, fn)
@@ -208,6 +215,8 @@ class ParallelKernel:
 
     def picks_parallel(self, *args) -> bool:
         work = self.work(*args) if self.work is not None else array_elements(args)
+        if self.reduces:
+            return work >= KERNEL_SERIAL_ELEMENTS and numba.get_num_threads() > 1
         return use_parallel(work)
 
     def __call__(self, *args):
@@ -219,13 +228,14 @@ class ParallelKernel:
         return f"<ParallelKernel {self.py_func.__module__}.{self.__name__}>"
 
 
-def parallel_kernel(fn=None, *, work=None, **options):
+def parallel_kernel(fn=None, *, work=None, reduces=False, **options):
     """Decorator: ``@parallel_kernel`` in place of
     ``@njit(parallel=True, cache=True)``. ``work(*args)`` may give the
-    kernel's own work measure (in elements)."""
+    kernel's own work measure (in elements); ``reduces=True`` for a kernel
+    that sums across its loop (``ParallelKernel``)."""
     if fn is None:
-        return lambda f: ParallelKernel(f, work, options)
-    return ParallelKernel(fn, work, options)
+        return lambda f: ParallelKernel(f, work, options, reduces)
+    return ParallelKernel(fn, work, options, reduces)
 
 
 # ----------------------------------------------------------------------
@@ -259,7 +269,9 @@ def _executor(workers):
 def run_shares(share, n_items, threads, pieces=None):
     """``share(lo, hi)`` over all of ``range(n_items)``, in ``pieces``
     contiguous pieces (default: one per thread) taken one at a time by this
-    thread and ``threads - 1`` pool threads; returns when all are done.
+    thread and ``threads - 1`` pool threads; returns when all are done. The
+    pieces are the same whatever ``threads`` is (one thread runs them one
+    after another), so a result cannot depend on the thread count.
 
     Pieces are claimed, not assigned: a thread that comes late (on a busy
     machine a woken thread may wait for the scheduler) finds them taken by
@@ -268,10 +280,11 @@ def run_shares(share, n_items, threads, pieces=None):
     thread does every piece itself."""
     threads = max(1, min(threads, n_items))
     pieces = max(threads, min(pieces or threads, n_items))
-    if threads == 1:
-        share(0, n_items)
-        return
     bounds = [n_items * i // pieces for i in range(pieces + 1)]
+    if threads == 1:                        # the same pieces, one after another
+        for i in range(pieces):
+            share(bounds[i], bounds[i + 1])
+        return
     claims = iter(range(pieces))            # next() on it is atomic under the GIL
     state = {"left": pieces, "error": None}
     lock = threading.Lock()

@@ -299,3 +299,36 @@ def test_a_parallel_kernel_shows_its_source():
     source = inspect.getsource(kernel)
     assert "def _relu_forward_cpu(" in source and "prange" in source
     assert kernel.__name__ == "_relu_forward_cpu" and kernel.__module__.endswith("activations")
+
+
+def test_a_large_multiply_gives_the_same_bits_on_one_and_two_threads(thresholds):
+    """The load check may give a multiply 1 or 2 threads from one call to the
+    next; the pieces are the same either way, so the result is too, bit for
+    bit (resumed training is compared bit for bit)."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((96, 300)).astype(np.float32)
+    b = rng.standard_normal((300, 1000)).astype(np.float32)
+    assert 2.0 * 96 * 300 * 1000 >= _threads.GEMM_SERIAL_FLOPS
+    one = _blas.gemm(a, b, threads=1)
+    two = _blas.gemm(a, b, threads=2)
+    assert np.array_equal(one, two)
+    np.testing.assert_allclose(one, a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["focal_loss._focal_forward_cpu", "mask_bce._mask_bce_forward_cpu",
+                                  "smooth_l1._smooth_l1_forward_cpu"])
+def test_loss_sums_pick_threads_without_the_load_check(name, fake_load, two_threads):
+    """A loss kernel sums across its parallel loop: which version runs must
+    not depend on the machine's load, or a loss would change in its last
+    bits with it."""
+    module, attr = name.split(".")
+    kernel = getattr(getattr(minimask.layers, module), attr)
+    assert kernel.reduces
+    big = np.ones(4 * _threads.KERNEL_SERIAL_ELEMENTS, np.float32)
+    work = kernel.work(big) if kernel.work is not None else 2 * big.size
+    assert work >= _threads.KERNEL_SERIAL_ELEMENTS
+    fake_load(5, 2)                                   # a busy machine
+    assert _threads.threads_now() == 1                # the other kernels: one thread
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernel, "work", lambda *args: work)
+        assert kernel.picks_parallel(big)             # the loss kernel: still by work size

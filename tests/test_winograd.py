@@ -820,9 +820,10 @@ def test_batched_gemm_on_one_and_two_threads(trans_a, trans_b, dtype, thresholds
         blas_calls.clear()
         got = winograd.batched_gemm(a, b, out, trans_a, trans_b)
         assert got is out
-        # the batch shared out between the threads, one piece per multiply,
-        # and each multiply one whole OpenBLAS call
-        assert shares_seen == [(K, threads, K)]
+        # the batch shared out between the threads, one piece per multiply
+        # (one thread: the whole batch in one go), and each multiply one
+        # whole OpenBLAS call
+        assert shares_seen == [(K, threads, K if threads > 1 else None)]
         assert blas_calls == [(M, N, inner)] * K
         rel = 1e-5 if dtype == np.float32 else 1e-12
         _close(out, expect, rel)
@@ -859,7 +860,7 @@ def test_gemm_batch_on_planes_against_matmul(trans_a, trans_b, dtype, thresholds
         blas_calls.clear()
         got = _blas.gemm_batch(a, b, out, trans_a, trans_b, threads=asked)
         assert got is out
-        assert shares_seen == [(B, threads, B)]
+        assert shares_seen == [(B, threads, B if threads > 1 else None)]
         assert blas_calls == [(M, N, inner)] * B       # one OpenBLAS call per multiply
         assert out.dtype == dtype
         _close(out, expect, rel)
@@ -903,7 +904,7 @@ def test_gemm_batch_falls_back_to_numpy_for_a_strided_last_axis(strided, trans_a
         got = _blas.gemm_batch(a, b, out, trans_a, trans_b)
         assert got is out
         assert blas_calls == []                       # NumPy's multiply, not OpenBLAS
-        assert shares_seen == [(B, threads, B)]       # still shared out by multiply
+        assert shares_seen == [(B, threads, B if threads > 1 else None)]   # by multiply
         _close(out, expect, rel)
         if strided == "out":
             assert np.isnan(big[:, :, 1::2]).all()    # the elements between untouched
@@ -940,8 +941,11 @@ def test_blas_gemm_shares_into_strided_views(M, K, N, by, trans_a, trans_b, dtyp
             got = _blas.gemm(a, b, trans_a, trans_b, out=out, accumulate=accumulate,
                              threads=threads)
             assert got is out
-            # two pieces per thread, claimed (run_shares clips both to n_shares)
-            assert shares_seen == [(n_shares, threads, 2 * threads)]
+            # GEMM_PIECES pieces, claimed, when split (a large multiply is cut
+            # the same way on one thread); this small one on one thread is one
+            # call (run_shares clips both to n_shares)
+            pieces = _blas.GEMM_PIECES if threads > 1 else 1
+            assert shares_seen == [(n_shares, threads, pieces)]
             _close(out, expect + (before[1:1 + M, 4:4 + N] if accumulate else 0), rel)
             inside = np.zeros(big.shape, bool)
             inside[1:1 + M, 4:4 + N] = True
@@ -991,7 +995,7 @@ def test_run_shares_with_more_pieces_than_threads_covers_every_index_once(n_item
     share, counts, calls = _recording_share(n_items)
     _threads.run_shares(share, n_items, threads, pieces=pieces)
     assert np.all(counts == 1)
-    n_pieces = min(pieces, n_items) if threads > 1 else 1
+    n_pieces = min(max(pieces, threads), n_items)    # the same pieces on one thread too
     assert len(calls) == n_pieces
     # contiguous pieces that tile range(n_items), of sizes differing by at most one
     spans = sorted((lo, hi) for lo, hi, _ in calls)

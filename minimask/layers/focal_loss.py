@@ -197,7 +197,7 @@ def _focal_work(x, *rest):
     return 64 * x.size
 
 
-@parallel_kernel(work=_focal_work)
+@parallel_kernel(work=_focal_work, reduces=True)
 def _focal_forward_cpu(x, t, w, has_weights, alpha, gamma, loss, grad):
     """Fill ``loss`` and ``grad`` (the local derivative) and return the float64
     sum of ``loss``. ``total`` is a prange reduction variable, not a shared

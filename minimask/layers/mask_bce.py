@@ -89,7 +89,7 @@ def mask_bce_grad_numpy(dout, mask_logits, labels, targets):
 # --------------------------------------------------------------------------
 
 
-@parallel_kernel
+@parallel_kernel(reduces=True)
 def _mask_bce_forward_cpu(x, labels, y, K, mm, grad):
     """``x`` is the flat (R*K*m*m) logits, ``y`` and ``grad`` flat (R*m*m).
     Returns the float64 sum of the BCE terms (``total`` is a prange reduction

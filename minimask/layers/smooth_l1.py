@@ -90,7 +90,7 @@ smooth_l1_terms_cpu, smooth_l1_terms_cuda = _cuda.compile_for_both(_smooth_l1_te
 # --------------------------------------------------------------------------
 
 
-@parallel_kernel
+@parallel_kernel(reduces=True)
 def _smooth_l1_forward_cpu(pred, target, w, has_weights, beta, loss, grad):
     total = 0.0  # a prange reduction variable
     for i in prange(pred.size):
