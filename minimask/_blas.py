@@ -14,15 +14,27 @@ multiply that used them, waiting for the next (its ``THREAD_TIMEOUT``, read
 once when the library loads; ``import numba`` already loads SciPy's copy,
 so minimask cannot set it), and on a 2-core machine a spinning thread takes
 a core from the Numba kernel or the multiply that runs next. So minimask
-asks OpenBLAS for one thread per call, always
-(``openblas_set_num_threads_local``, for the calling thread only), and runs
-a large multiply as shares of the output's columns (or rows) on its own
-threads, which sleep on a queue when idle (``minimask._threads.run_shares``;
-ctypes releases the GIL during the call, so the shares run at once). How
-many: ``minimask._threads.gemm_threads`` of the multiply's FLOPs.
+asks OpenBLAS for one thread per call, always, and runs a large multiply
+as shares of the output's columns (or rows) on its own threads, which
+sleep on a queue when idle (``minimask._threads.run_shares``; ctypes
+releases the GIL during the call, so the shares run at once). How many:
+``minimask._threads.gemm_threads`` of the multiply's FLOPs.
 
-Nothing here changes the process: no environment variable, and OpenBLAS's
-own thread count for other callers (SciPy's linear algebra) is untouched.
+One thread per call, and where it is set. In SciPy's OpenBLAS (a pthreads
+build) ``openblas_set_num_threads_local`` is not thread-local: it sets the
+process-wide count. So it is set to 1 once per multiply, on the calling
+thread, before any share starts, and put back after the last share ends
+(``_one_openblas_thread``) - never inside a share. Setting it inside each
+share and restoring it there raced: one thread put the count back to 2
+while another was about to call, that call ran on two OpenBLAS threads,
+and OpenBLAS's two-thread sgemm rounds differently from its one-thread
+sgemm (a few ulp), so a training run's weights depended on thread timing
+(found by ``tests/test_faults.py``: a resumed run differed, 1 run in 5).
+
+Nothing here changes the process between multiplies: no environment
+variable, and OpenBLAS's thread count for other callers (SciPy's linear
+algebra) is what it was. minimask's multiplies are not meant to be called
+from two Python threads at once (the model is not thread-safe either).
 """
 from __future__ import annotations
 
@@ -101,6 +113,24 @@ def info() -> dict:
             "path": _state["path"], "coretype": _state["coretype"], "why": _state["why"]}
 
 
+class _one_openblas_thread:
+    """OpenBLAS at one thread for the calls made inside (from any thread),
+    the previous count restored on leaving. Enter it on the calling thread
+    only: the count is process-wide (see the module docstring)."""
+
+    __slots__ = ("set_threads", "previous")
+
+    def __init__(self, state):
+        self.set_threads = state["set_local"]
+
+    def __enter__(self):
+        self.previous = self.set_threads(1)
+
+    def __exit__(self, *exc):
+        if self.previous != 1:
+            self.set_threads(self.previous)
+
+
 def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, threads=None):
     """``op(a) @ op(b)`` on the host, into ``out`` when given (``out +=`` when
     ``accumulate``). a and b are 2-D float32 or float64 arrays of one dtype
@@ -136,29 +166,24 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, threads
     ta, tb = (_TRANS if trans_a else _NO_TRANS), (_TRANS if trans_b else _NO_TRANS)
     lda, ldb, ldc = a.strides[0] // item, b.strides[0] // item, out.strides[0] // item
     pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
-    set_local = _state["set_local"]
     # Output columns per share (or rows, when there are more rows): whole
     # cache lines of out, so two threads never write one line.
     by_cols = N >= M
     unit = max(1, 64 // item)
 
     def share(lo, hi):
-        # A share of out: rows (or columns) lo*unit .. hi*unit, on one OpenBLAS thread.
+        # A share of out: rows (or columns) lo*unit .. hi*unit.
         r0, r1 = lo * unit, min(hi * unit, N if by_cols else M)
         if r1 <= r0:
             return
-        previous = set_local(1)
-        try:
-            if by_cols:     # out[:, r0:r1] = op(a) @ op(b)[:, r0:r1]
-                off_b = (r0 * ldb if trans_b else r0) * item
-                fn(_ROW_MAJOR, ta, tb, M, r1 - r0, K, 1.0, pa, lda, pb + off_b, ldb, beta,
-                   pc + r0 * item, ldc)
-            else:           # out[r0:r1] = op(a)[r0:r1] @ op(b)
-                off_a = (r0 if trans_a else r0 * lda) * item
-                fn(_ROW_MAJOR, ta, tb, r1 - r0, N, K, 1.0, pa + off_a, lda, pb, ldb, beta,
-                   pc + r0 * ldc * item, ldc)
-        finally:
-            set_local(previous)
+        if by_cols:     # out[:, r0:r1] = op(a) @ op(b)[:, r0:r1]
+            off_b = (r0 * ldb if trans_b else r0) * item
+            fn(_ROW_MAJOR, ta, tb, M, r1 - r0, K, 1.0, pa, lda, pb + off_b, ldb, beta,
+               pc + r0 * item, ldc)
+        else:           # out[r0:r1] = op(a)[r0:r1] @ op(b)
+            off_a = (r0 if trans_a else r0 * lda) * item
+            fn(_ROW_MAJOR, ta, tb, r1 - r0, N, K, 1.0, pa + off_a, lda, pb, ldb, beta,
+               pc + r0 * ldc * item, ldc)
 
     flops = 2.0 * M * N * K
     if threads is None:
@@ -169,8 +194,10 @@ def gemm(a, b, trans_a=False, trans_b=False, out=None, accumulate=False, threads
     # thread count the load check gives (resumed training is compared bit for
     # bit). Small multiplies are one call. Several pieces per thread also let
     # a late thread's piece go to another.
-    pieces = GEMM_PIECES if (flops >= _threads.GEMM_SERIAL_FLOPS or threads > 1) else 1
-    _threads.run_shares(share, -(-(N if by_cols else M) // unit), threads, pieces=pieces)
+    pieces = _threads.fixed_pieces(GEMM_PIECES) if (
+        flops >= _threads.GEMM_SERIAL_FLOPS or threads > 1) else 1
+    with _one_openblas_thread(_state):
+        _threads.run_shares(share, -(-(N if by_cols else M) // unit), threads, pieces=pieces)
     return out
 
 
@@ -211,7 +238,11 @@ def gemm_batch(a, b, out, trans_a=False, trans_b=False, threads=None):
         def share(lo, hi):
             for k in range(lo, hi):
                 gemm(a[k], b[k], trans_a, trans_b, out=out[k], threads=1)
-        _threads.run_shares(share, B, threads, pieces=B if threads > 1 else None)
+        if _state["lib"] is None:
+            _threads.run_shares(share, B, threads, pieces=B if threads > 1 else None)
+        else:
+            with _one_openblas_thread(_state):
+                _threads.run_shares(share, B, threads, pieces=B if threads > 1 else None)
         return out
     single = a.dtype == np.float32
     fn = _state["sgemm_ptr"] if single else _state["dgemm_ptr"]
@@ -221,15 +252,10 @@ def gemm_batch(a, b, out, trans_a=False, trans_b=False, threads=None):
     lda, ldb, ldc = a.strides[1] // item, b.strides[1] // item, out.strides[1] // item
     pa, pb, pc = a.ctypes.data, b.ctypes.data, out.ctypes.data
     sa, sb, sc = a.strides[0], b.strides[0], out.strides[0]
-    set_local = _state["set_local"]
 
     def share(lo, hi):
-        previous = set_local(1)
-        try:
-            _gemm_loop(fn, ta, tb, M, N, K, one, pa, sa, lda, pb, sb, ldb, zero, pc, sc, ldc,
-                       lo, hi)
-        finally:
-            set_local(previous)
+        _gemm_loop(fn, ta, tb, M, N, K, one, pa, sa, lda, pb, sb, ldb, zero, pc, sc, ldc, lo, hi)
 
-    _threads.run_shares(share, B, threads, pieces=B if threads > 1 else None)
+    with _one_openblas_thread(_state):
+        _threads.run_shares(share, B, threads, pieces=B if threads > 1 else None)
     return out

@@ -170,6 +170,15 @@ def threads_now() -> int:
     return n if free is None else max(1, min(n, free))
 
 
+def fixed_pieces(least: int) -> int:
+    """How many pieces to cut a large multiply into: at least ``least``, and
+    at least Numba's thread count, so every thread can have one - but never
+    the load check's count of the moment (``threads_now``): the pieces
+    decide the rounding, and a result must not depend on the machine's
+    load."""
+    return max(least, numba.get_num_threads())
+
+
 def array_elements(args) -> int:
     """The default work measure: elements of the array arguments."""
     total = 0

@@ -332,3 +332,100 @@ def test_loss_sums_pick_threads_without_the_load_check(name, fake_load, two_thre
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernel, "work", lambda *args: work)
         assert kernel.picks_parallel(big)             # the loss kernel: still by work size
+
+
+def _openblas_count_functions():
+    _blas.info()                     # loads the state
+    state = _blas._state
+    if state["lib"] is None:
+        pytest.skip(f"minimask's BLAS here is NumPy's ({state['why']}), not SciPy's OpenBLAS")
+    get = state["lib"].scipy_openblas_get_num_threads
+    get.restype = __import__("ctypes").c_int
+    return state, get, state["set_local"]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["gemm", "gemm_batch"])
+def test_every_openblas_call_runs_on_one_openblas_thread(batch, monkeypatch):
+    """SciPy's OpenBLAS keeps one process-wide thread count (its
+    ``openblas_set_num_threads_local`` is not thread-local), and its
+    two-thread sgemm rounds differently from its one-thread sgemm. So every
+    call minimask's threads make must see a count of 1 - even when a share
+    on another thread has just finished - and the count a user had is back
+    afterwards. (Setting and restoring it inside each share broke this:
+    a training run's weights then depended on thread timing.)"""
+    import ctypes
+    import time
+    state, get, set_count = _openblas_count_functions()
+    seen = []
+    real = state["sgemm"]
+
+    def spy(*args):                  # wait, so the other thread's share ends meanwhile
+        time.sleep(0.003)
+        seen.append(get())
+        return real(*args)
+
+    proto = ctypes.CFUNCTYPE(None, *([ctypes.c_int] * 6), ctypes.c_float, ctypes.c_void_p,
+                             ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                             ctypes.c_void_p, ctypes.c_int)
+    spy_pointer = proto(spy)
+    monkeypatch.setitem(_blas._state, "sgemm", spy)
+    monkeypatch.setitem(_blas._state, "sgemm_ptr", spy_pointer)
+    rng = np.random.default_rng(8)
+    before = set_count(2)            # as a user (or SciPy) may have left it
+    try:
+        if batch:
+            a = rng.standard_normal((8, 32, 64)).astype(np.float32)
+            b = rng.standard_normal((8, 64, 96)).astype(np.float32)
+            out = np.empty((8, 32, 96), np.float32)
+            _blas.gemm_batch(a, b, out, threads=2)
+            expect = np.einsum("kij,kjl->kil", a.astype(np.float64), b)
+        else:
+            a = rng.standard_normal((64, 200)).astype(np.float32)
+            b = rng.standard_normal((200, 800)).astype(np.float32)
+            out = _blas.gemm(a, b, threads=2)
+            expect = a.astype(np.float64) @ b
+        after = get()
+    finally:
+        set_count(before)
+    assert len(seen) >= 4 and set(seen) == {1}, seen
+    assert after == 2
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_threaded_multiplies_match_one_thread_bit_for_bit_after_openblas_was_set_to_two():
+    """The whole effect, on results: with OpenBLAS's count left at 2 by
+    someone else, a multiply and a batch on two of minimask's threads give
+    exactly the one-thread bits, call after call."""
+    state, get, set_count = _openblas_count_functions()
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal((64, 96)).astype(np.float32)
+    b = rng.standard_normal((96, 4096)).astype(np.float32)
+    A = rng.standard_normal((16, 32, 64)).astype(np.float32)
+    B = rng.standard_normal((16, 64, 392)).astype(np.float32)
+    before = set_count(2)
+    try:
+        one = _blas.gemm(a, b, threads=1)
+        one_batch = _blas.gemm_batch(A, B, np.empty((16, 32, 392), np.float32), threads=1)
+        for _ in range(20):
+            assert np.array_equal(_blas.gemm(a, b, threads=2), one)
+            assert np.array_equal(
+                _blas.gemm_batch(A, B, np.empty((16, 32, 392), np.float32), threads=2), one_batch)
+    finally:
+        set_count(before)
+
+
+def test_the_pieces_of_a_multiply_do_not_follow_the_load(two_threads, monkeypatch):
+    """A large multiply is cut into ``fixed_pieces`` pieces - at least
+    Numba's thread count - whatever thread count the load check gives it."""
+    cuts = []
+    real = _threads.run_shares
+    monkeypatch.setattr(_threads, "run_shares",
+                        lambda share, n, threads, pieces=None: (cuts.append(pieces),
+                                                                real(share, n, threads, pieces)))
+    a = np.ones((64, 300), np.float32)
+    b = np.ones((300, 1000), np.float32)
+    for threads in (1, 2):
+        _blas.gemm(a, b, threads=threads)
+    assert cuts == [_threads.fixed_pieces(_blas.GEMM_PIECES)] * 2
+    assert _threads.fixed_pieces(1) == numba.get_num_threads() == 2
+    assert _threads.fixed_pieces(_blas.GEMM_PIECES) == max(_blas.GEMM_PIECES, 2)
