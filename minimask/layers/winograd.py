@@ -93,7 +93,7 @@ from minimask._threads import parallel_kernel
 # When it is used
 # ----------------------------------------------------------------------
 
-ALGORITHMS = ("auto", "im2col")
+ALGORITHMS = ("auto", "f2x2", "im2col")
 _algorithm = os.environ.get("MINIMASK_CONV", "auto").strip().lower() or "auto"
 if _algorithm not in ALGORITHMS:
     raise ValueError(f"MINIMASK_CONV must be one of {ALGORITHMS}, got {_algorithm!r}")
@@ -110,10 +110,23 @@ MIN_CHANNELS = 8
 # 0.48-0.55x (C = 64 and 256).
 MIN_POSITIONS = 64
 
+# "auto" takes F(4x4, 3x3) (``winograd_f4.py``: 0.56 of F(2x2)'s multiply
+# FLOPs, ~20x its float32 round-off) from an output of F4_MIN_SIZE on each
+# side and F4_MIN_POSITIONS output positions (N OH OW) up; below, F(2x2,
+# 3x3), whose filter transform (F C tiles of 16, not 36) and smaller tiles
+# cost less on a small map. Measured (fwd + bwd, float32, 1 / 2 threads,
+# time F(4x4) / F(2x2)): 4 x 64 x 8 x 8 0.99 / 1.02; 1 x 256 x 16 x 16
+# 1.11 / 1.04; 4 x 64 x 16 x 16 0.78 / 0.94; 1 x 256 x 32 x 32 0.79 / 0.77;
+# 4 x 64 x 32 x 32 0.68 / 0.76; 1 x 256 x 64 x 64 0.67 / 0.65.
+F4_MIN_SIZE = 8
+F4_MIN_POSITIONS = 512
+
 
 def set_algorithm(name: str) -> str:
-    """``"auto"`` (Winograd where ``applies``) or ``"im2col"`` (never);
-    returns the previous setting."""
+    """``"auto"`` (Winograd where ``applies``, 4x4 or 2x2 tiles by
+    ``tile_for``), ``"f2x2"`` (Winograd where ``applies``, 2x2 tiles only:
+    the smaller float32 round-off) or ``"im2col"`` (never); returns the
+    previous setting."""
     global _algorithm
     if name not in ALGORITHMS:
         raise ValueError(f"the conv algorithm must be one of {ALGORITHMS}, got {name!r}")
@@ -138,9 +151,20 @@ def algorithm(name: str):
 def applies(g) -> bool:
     """Whether the ``"cpu"`` conv2d takes this geometry (``conv.Geometry``)
     through Winograd."""
-    return (_algorithm == "auto" and g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1
+    return (_algorithm in ("auto", "f2x2") and g.kh == 3 and g.kw == 3 and g.sh == 1 and g.sw == 1
             and g.C >= MIN_CHANNELS and g.N * g.OH * g.OW >= MIN_POSITIONS
             and g.ph <= 2 and g.pw <= 2)
+
+
+def tile_for(g) -> int:
+    """Outputs per tile side for a geometry that ``applies``: 4 (F(4x4, 3x3),
+    ``winograd_f4.py``) when the algorithm is ``"auto"`` and the output is
+    at least ``F4_MIN_SIZE`` on both sides with ``F4_MIN_POSITIONS``
+    output positions, else 2 (F(2x2, 3x3))."""
+    if (_algorithm == "auto" and min(g.OH, g.OW) >= F4_MIN_SIZE
+            and g.N * g.OH * g.OW >= F4_MIN_POSITIONS):
+        return 4
+    return 2
 
 
 # ----------------------------------------------------------------------
@@ -500,7 +524,12 @@ def forward(x, w, b, g, workspace):
     padding ``(g.ph, g.pw)``. Returns ``(out, (U, V))``: the cache holds the
     transformed weights and input (16 F C + 4 C N OH OW numbers, about 4/9
     of im2col's ``cols``). ``workspace(size, dtype, key)`` gives scratch
-    arrays kept between calls (``conv._workspace``)."""
+    arrays kept between calls (``conv._workspace``). With 4x4 tiles
+    (``tile_for``) the work is ``winograd_f4.forward``'s, and U and V have
+    36 planes."""
+    if tile_for(g) == 4:
+        from minimask.layers import winograd_f4
+        return winograd_f4.forward(x, w, b, g, workspace)
     N, C, H, W = x.shape
     F = w.shape[0]
     TH, TW = tiles_of(g.OH, g.OW)
@@ -527,6 +556,9 @@ def backward(dout, UV, g, workspace, need_dx=True):
     sum of dout over (n, h, w), comes free with the first transform (the
     caller drops it when the layer has no bias)."""
     U, V = UV
+    if U.shape[0] == 36:                 # the forward took 4x4 tiles
+        from minimask.layers import winograd_f4
+        return winograd_f4.backward(dout, UV, g, workspace, need_dx)
     F, C = U.shape[1], U.shape[2]
     N = g.N
     TH, TW = tiles_of(g.OH, g.OW)
