@@ -65,8 +65,10 @@ Backends:
 * ``"numpy"``: im2col as ``kh * kw`` strided slices of the padded input (one
   per kernel offset), col2im as the same slices added back, ``@`` for the
   GEMM.
-* ``"cpu"``: 3x3 stride-1 layers by Winograd's F(2x2, 3x3) (``winograd.py``:
-  16 smaller multiplies, 0.44 of the FLOPs); the others by im2col, as
+* ``"cpu"``: 3x3 stride-1 layers by Winograd - F(4x4, 3x3) on maps from
+  8 x 8 outputs and 512 positions (``winograd_f4.py``: 36 smaller
+  multiplies, 0.25 of im2col's FLOPs), F(2x2, 3x3) on smaller ones
+  (``winograd.py``: 16, 0.44 of the FLOPs); the others by im2col, as
   NumPy's strided copies (memory-bound: a parallel Numba kernel was
   slower); col2im a Numba kernel, parallel over (n, c) planes of ``dx``:
   each iteration adds the rows of ``cols`` that belong to its own plane, so
