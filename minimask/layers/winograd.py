@@ -69,9 +69,10 @@ What is here:
   one element), and the 16 multiplies through BLAS; with more than one
   thread the 16 are shared out between threads, each multiply on one.
 * ``tile_for``: larger maps take F(4x4, 3x3) instead (``winograd_f4.py``:
-  6x6 input tiles, 36 multiplies, 0.56 of these FLOPs, about 20 times this
-  float32 round-off); ``forward`` hands them over, and ``backward`` follows
-  whatever tiles its forward took (U's 16 or 36 planes).
+  6x6 input tiles, 36 multiplies, 0.56 of these FLOPs, 7 times this
+  float32 round-off on average and up to 19 times at most); ``forward``
+  hands them over, and ``backward`` follows whatever tiles its forward
+  took (U's 16 or 36 planes).
 * ``forward`` / ``backward``: what ``conv2d_forward`` / ``conv2d_backward``
   call on the ``"cpu"`` backend when ``applies(geometry)``: a 3x3 kernel,
   stride 1, at least ``MIN_CHANNELS`` input channels and ``MIN_POSITIONS``
@@ -115,7 +116,7 @@ MIN_CHANNELS = 8
 MIN_POSITIONS = 64
 
 # "auto" takes F(4x4, 3x3) (``winograd_f4.py``: 0.56 of F(2x2)'s multiply
-# FLOPs, ~20x its float32 round-off) from an output of F4_MIN_SIZE on each
+# FLOPs, 7-19x its float32 round-off) from an output of F4_MIN_SIZE on each
 # side and F4_MIN_POSITIONS output positions (N OH OW) up; below, F(2x2,
 # 3x3), whose filter transform (F C tiles of 16, not 36) and smaller tiles
 # cost less on a small map. Measured (fwd + bwd, float32, 1 / 2 threads,

@@ -30,10 +30,11 @@ backward is the adjoint of each stage, as there.
 
 The price is round-off. The larger points (2, -2: the 8 in A^T, the 1/24 in
 G) make the transforms sum numbers of more different sizes, so in float32
-the output differs from an exact convolution by about 20 times F(2x2)'s
-error: measured, 64 -> 64 channels on unit-variance inputs, 2e-6 relative
-(RMS) and 6e-6 of the largest output at most, against 3e-7 for F(2x2); in
-float64, 1e-14. cuDNN and oneDNN use this tile size for float32 training.
+the output differs from an exact convolution by more than F(2x2)'s does:
+measured, 64 -> 64 channels on unit-variance inputs, 1.7e-6 relative (RMS)
+and 5.5e-6 of the largest output at most, against 2.6e-7 and 2.9e-7 for
+F(2x2) (7 and 19 times); in float64, 1e-14. cuDNN and oneDNN use this tile
+size for float32 training.
 The filter transform and its adjoint compute in float64 whatever the
 dtype (their fractions are not exact in float32, and they are F C tiles,
 not N C tiles).
