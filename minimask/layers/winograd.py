@@ -62,7 +62,8 @@ What is here:
 
 * ``transform_matrices``, ``winograd_conv2d_numpy`` and
   ``winograd_conv2d_backward_numpy``: (W1)-(W2) and their adjoints in plain
-  NumPy, the readable reference.
+  NumPy, the readable reference (``tiled_conv2d_numpy`` and its backward
+  do the work for any tile's matrices; ``winograd_f4.py`` calls them too).
 * Numba kernels for the transforms (``"cpu"`` backend), each written out
   for F(2x2, 3x3) with the matrices above, parallel over channels (or over
   (n, c) planes for the scatter-add of ``dx``, so no two iterations write
@@ -184,68 +185,85 @@ def transform_matrices(dtype=np.float64):
     return BT, G, AT
 
 
-def tiles_of(OH, OW):
-    """Tiles per image along each axis: ``(ceil(OH / 2), ceil(OW / 2))``."""
-    return (OH + 1) // 2, (OW + 1) // 2
+def tiles_of(OH, OW, m=2):
+    """Tiles per image along each axis, for tiles of m x m outputs:
+    ``(ceil(OH / m), ceil(OW / m))``."""
+    return -(-OH // m), -(-OW // m)
 
 
-def input_tiles_numpy(x, ph, pw):
-    """``d[n, c, ty, tx]``: the 4x4 input tiles, (N, C, TH, TW, 4, 4), read
-    from x padded with zeros (``ph`` / ``pw`` on the leading side, and as
-    many as the last tile needs on the trailing side)."""
+def input_tiles_numpy(x, ph, pw, m=2):
+    """``d[n, c, ty, tx]``: the (m + 2) x (m + 2) input tiles, (N, C, TH, TW,
+    m + 2, m + 2), starting every m pixels, read from x padded with zeros
+    (``ph`` / ``pw`` on the leading side, and as many as the last tile needs
+    on the trailing side). Returns ``(d, xpad)``."""
     N, C, H, W = x.shape
     OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
-    TH, TW = tiles_of(OH, OW)
-    xpad = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=x.dtype)
+    TH, TW = tiles_of(OH, OW, m)
+    a = m + 2
+    xpad = np.zeros((N, C, m * TH + 2, m * TW + 2), dtype=x.dtype)
     xpad[:, :, ph:ph + H, pw:pw + W] = x
-    d = np.empty((N, C, TH, TW, 4, 4), dtype=x.dtype)
-    for a in range(4):
-        for b in range(4):
-            d[..., a, b] = xpad[:, :, a:a + 2 * TH:2, b:b + 2 * TW:2]
+    d = np.empty((N, C, TH, TW, a, a), dtype=x.dtype)
+    for i in range(a):
+        for j in range(a):
+            d[..., i, j] = xpad[:, :, i:i + m * TH:m, j:j + m * TW:m]
     return d, xpad
 
 
-def winograd_conv2d_numpy(x, w, b=None, padding=1):
-    """(W1)-(W2) in NumPy: ``conv2d(x, w, b, stride=1, padding)`` for a 3x3
-    ``w``. Returns ``(out, (U, V))`` with U (16, F, C) and V (16, C, T)."""
+def tiled_conv2d_numpy(x, w, b, padding, matrices):
+    """(W1)-(W2) in NumPy for the tile given by ``matrices = (BT, G, AT)``
+    (F(m x m, 3x3): BT (a, a), G (a, 3), AT (m, a), a = m + 2). Returns
+    ``(out, (U, V))``, U (a^2, F, C) and V (a^2, C, T)."""
     ph, pw = (padding, padding) if np.isscalar(padding) else padding
-    BT, G, AT = (m.astype(x.dtype) for m in transform_matrices())
+    BT, G, AT = (mat.astype(x.dtype) for mat in matrices)
+    m, a = AT.shape
     N, C, H, W = x.shape
     F = w.shape[0]
     OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
-    TH, TW = tiles_of(OH, OW)
-    d, _ = input_tiles_numpy(x, ph, pw)
-    U = np.einsum("ai,fcij,bj->abfc", G, w, G).reshape(16, F, C)            # G g G^T
-    V = np.einsum("ia,nctuab,jb->ijcntu", BT, d, BT).reshape(16, C, N * TH * TW)
-    M = np.matmul(U, V)                                                    # (16, F, T)
-    Y = np.einsum("ai,ijfntu,bj->nftaub", AT, M.reshape(4, 4, F, N, TH, TW), AT)
-    out = Y.reshape(N, F, 2 * TH, 2 * TW)[:, :, :OH, :OW]
+    TH, TW = tiles_of(OH, OW, m)
+    d, _ = input_tiles_numpy(x, ph, pw, m)
+    U = np.einsum("ai,fcij,bj->abfc", G, w, G).reshape(a * a, F, C)          # G g G^T
+    V = np.einsum("ia,nctuab,jb->ijcntu", BT, d, BT).reshape(a * a, C, N * TH * TW)
+    M = np.matmul(U, V)                                                    # (a^2, F, T)
+    Y = np.einsum("ai,ijfntu,bj->nftaub", AT, M.reshape(a, a, F, N, TH, TW), AT)
+    out = Y.reshape(N, F, m * TH, m * TW)[:, :, :OH, :OW]
     if b is not None:
         out = out + b.reshape(1, F, 1, 1)
     return np.ascontiguousarray(out), (U, V)
 
 
-def winograd_conv2d_backward_numpy(dout, x_shape, U, V, padding=1):
-    """The adjoints of (W2) in NumPy: ``(dx, dw, db)``."""
+def tiled_conv2d_backward_numpy(dout, x_shape, U, V, padding, matrices):
+    """The adjoints of ``tiled_conv2d_numpy``'s stages: ``(dx, dw, db)``."""
     ph, pw = (padding, padding) if np.isscalar(padding) else padding
-    BT, G, AT = (m.astype(dout.dtype) for m in transform_matrices())
+    BT, G, AT = (mat.astype(dout.dtype) for mat in matrices)
+    m, a = AT.shape
     N, C, H, W = x_shape
     F, OH, OW = dout.shape[1:]
-    TH, TW = tiles_of(OH, OW)
-    dY = np.zeros((N, F, 2 * TH, 2 * TW), dtype=dout.dtype)
+    TH, TW = tiles_of(OH, OW, m)
+    dY = np.zeros((N, F, m * TH, m * TW), dtype=dout.dtype)
     dY[:, :, :OH, :OW] = dout
-    dY = dY.reshape(N, F, TH, 2, TW, 2)
-    dM = np.einsum("ai,nftaub,bj->ijfntu", AT, dY, AT).reshape(16, F, N * TH * TW)  # A dY A^T
-    dU = np.matmul(dM, V.transpose(0, 2, 1))                          # (16, F, C)
-    dV = np.matmul(U.transpose(0, 2, 1), dM)                          # (16, C, T)
-    dw = np.einsum("ai,abfc,bj->fcij", G, dU.reshape(4, 4, F, C), G)  # G^T dU G
-    dd = np.einsum("ia,ijcntu,jb->nctuab", BT, dV.reshape(4, 4, C, N, TH, TW), BT)  # B dV B^T
-    dxpad = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=dout.dtype)
-    for a in range(4):
-        for b in range(4):
-            dxpad[:, :, a:a + 2 * TH:2, b:b + 2 * TW:2] += dd[..., a, b]
+    dY = dY.reshape(N, F, TH, m, TW, m)
+    dM = np.einsum("ai,nftaub,bj->ijfntu", AT, dY, AT).reshape(a * a, F, N * TH * TW)  # A dY A^T
+    dU = np.matmul(dM, V.transpose(0, 2, 1))                          # (a^2, F, C)
+    dV = np.matmul(U.transpose(0, 2, 1), dM)                          # (a^2, C, T)
+    dw = np.einsum("ai,abfc,bj->fcij", G, dU.reshape(a, a, F, C), G)  # G^T dU G
+    dd = np.einsum("ia,ijcntu,jb->nctuab", BT, dV.reshape(a, a, C, N, TH, TW), BT)  # B dV B^T
+    dxpad = np.zeros((N, C, m * TH + 2, m * TW + 2), dtype=dout.dtype)
+    for i in range(a):
+        for j in range(a):
+            dxpad[:, :, i:i + m * TH:m, j:j + m * TW:m] += dd[..., i, j]
     dx = np.ascontiguousarray(dxpad[:, :, ph:ph + H, pw:pw + W])
     return dx, dw, dout.sum(axis=(0, 2, 3))
+
+
+def winograd_conv2d_numpy(x, w, b=None, padding=1):
+    """(W1)-(W2) in NumPy: ``conv2d(x, w, b, stride=1, padding)`` for a 3x3
+    ``w``. Returns ``(out, (U, V))`` with U (16, F, C) and V (16, C, T)."""
+    return tiled_conv2d_numpy(x, w, b, padding, transform_matrices())
+
+
+def winograd_conv2d_backward_numpy(dout, x_shape, U, V, padding=1):
+    """The adjoints of (W2) in NumPy: ``(dx, dw, db)``."""
+    return tiled_conv2d_backward_numpy(dout, x_shape, U, V, padding, transform_matrices())
 
 
 # ----------------------------------------------------------------------

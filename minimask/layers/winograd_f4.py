@@ -77,66 +77,28 @@ def transform_matrices(dtype=np.float64):
 
 def tiles_of(OH, OW):
     """Tiles per image along each axis: ``(ceil(OH / 4), ceil(OW / 4))``."""
-    return (OH + 3) // 4, (OW + 3) // 4
+    return winograd.tiles_of(OH, OW, TILE)
 
 
 def input_tiles_numpy(x, ph, pw):
     """``d[n, c, ty, tx]``: the 6x6 input tiles, (N, C, TH, TW, 6, 6), read
-    from x padded with zeros (``ph`` / ``pw`` leading, as many as the last
-    tile needs trailing). Neighbouring tiles overlap by 2 pixels."""
-    N, C, H, W = x.shape
-    OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
-    TH, TW = tiles_of(OH, OW)
-    xpad = np.zeros((N, C, 4 * TH + 2, 4 * TW + 2), dtype=x.dtype)
-    xpad[:, :, ph:ph + H, pw:pw + W] = x
-    d = np.empty((N, C, TH, TW, 6, 6), dtype=x.dtype)
-    for a in range(6):
-        for b in range(6):
-            d[..., a, b] = xpad[:, :, a:a + 4 * TH:4, b:b + 4 * TW:4]
-    return d, xpad
+    from x padded with zeros; neighbouring tiles overlap by 2 pixels
+    (``winograd.input_tiles_numpy`` with m = 4)."""
+    return winograd.input_tiles_numpy(x, ph, pw, TILE)
 
 
 def winograd_conv2d_numpy(x, w, b=None, padding=1):
     """(W4) and (W2) in NumPy: ``conv2d(x, w, b, stride=1, padding)`` for a
-    3x3 ``w``. Returns ``(out, (U, V))`` with U (36, F, C) and V (36, C, T)."""
-    ph, pw = (padding, padding) if np.isscalar(padding) else padding
-    BT, G, AT = (m.astype(x.dtype) for m in transform_matrices())
-    N, C, H, W = x.shape
-    F = w.shape[0]
-    OH, OW = H + 2 * ph - 2, W + 2 * pw - 2
-    TH, TW = tiles_of(OH, OW)
-    d, _ = input_tiles_numpy(x, ph, pw)
-    U = np.einsum("ai,fcij,bj->abfc", G, w, G).reshape(36, F, C)            # G g G^T
-    V = np.einsum("ia,nctuab,jb->ijcntu", BT, d, BT).reshape(36, C, N * TH * TW)
-    M = np.matmul(U, V)                                                    # (36, F, T)
-    Y = np.einsum("ai,ijfntu,bj->nftaub", AT, M.reshape(6, 6, F, N, TH, TW), AT)
-    out = Y.reshape(N, F, 4 * TH, 4 * TW)[:, :, :OH, :OW]
-    if b is not None:
-        out = out + b.reshape(1, F, 1, 1)
-    return np.ascontiguousarray(out), (U, V)
+    3x3 ``w``. Returns ``(out, (U, V))`` with U (36, F, C) and V (36, C, T).
+    The stages are ``winograd.tiled_conv2d_numpy``'s, with this module's
+    matrices."""
+    return winograd.tiled_conv2d_numpy(x, w, b, padding, transform_matrices())
 
 
 def winograd_conv2d_backward_numpy(dout, x_shape, U, V, padding=1):
     """The adjoints of (W4)-(W2) in NumPy: ``(dx, dw, db)``."""
-    ph, pw = (padding, padding) if np.isscalar(padding) else padding
-    BT, G, AT = (m.astype(dout.dtype) for m in transform_matrices())
-    N, C, H, W = x_shape
-    F, OH, OW = dout.shape[1:]
-    TH, TW = tiles_of(OH, OW)
-    dY = np.zeros((N, F, 4 * TH, 4 * TW), dtype=dout.dtype)
-    dY[:, :, :OH, :OW] = dout
-    dY = dY.reshape(N, F, TH, 4, TW, 4)
-    dM = np.einsum("ai,nftaub,bj->ijfntu", AT, dY, AT).reshape(36, F, N * TH * TW)  # A dY A^T
-    dU = np.matmul(dM, V.transpose(0, 2, 1))                          # (36, F, C)
-    dV = np.matmul(U.transpose(0, 2, 1), dM)                          # (36, C, T)
-    dw = np.einsum("ai,abfc,bj->fcij", G, dU.reshape(6, 6, F, C), G)  # G^T dU G
-    dd = np.einsum("ia,ijcntu,jb->nctuab", BT, dV.reshape(6, 6, C, N, TH, TW), BT)  # B dV B^T
-    dxpad = np.zeros((N, C, 4 * TH + 2, 4 * TW + 2), dtype=dout.dtype)
-    for a in range(6):
-        for b in range(6):
-            dxpad[:, :, a:a + 4 * TH:4, b:b + 4 * TW:4] += dd[..., a, b]
-    dx = np.ascontiguousarray(dxpad[:, :, ph:ph + H, pw:pw + W])
-    return dx, dw, dout.sum(axis=(0, 2, 3))
+    return winograd.tiled_conv2d_backward_numpy(dout, x_shape, U, V, padding,
+                                                transform_matrices())
 
 
 # ----------------------------------------------------------------------
