@@ -17,7 +17,9 @@ from minimask.gradcheck import check_layer
 from minimask.layers import conv2d_backward, conv2d_forward, winograd, winograd_f4
 from minimask.layers.conv import WinogradCache
 from tests.test_threads import thresholds, two_threads  # noqa: F401
-from tests.test_winograd import _assert_adjoint, _close, _pair
+# the NaN-filled plane buffers and the serial-against-parallel runner are F(2x2)'s
+from tests.test_winograd import _assert_adjoint, _both, _buffer, _close, _pair, _tail_untouched
+from tests.test_winograd import _filled_buffer as _filled
 
 
 @pytest.fixture(autouse=True)
@@ -142,38 +144,6 @@ KOH, KOW = KH + 2 * KPH - 2, KW + 2 * KPW - 2
 KTH, KTW = winograd_f4.tiles_of(KOH, KOW)
 KT = KN * KTH * KTW
 K64 = winograd_f4._constants(np.float64)
-
-
-def _buffer(K, R, T, dtype=np.float64):
-    """A NaN-filled ``winograd.plane_buffer``: what a kernel leaves unwritten
-    shows, and so does a read of a row's unused tail."""
-    buffer = winograd.plane_buffer(K, R, T, dtype)
-    buffer[...] = np.nan
-    return buffer
-
-
-def _filled(rng, K, R, T):
-    buffer = _buffer(K, R, T)
-    winograd.planes(buffer, R, T)[...] = rng.standard_normal((K, R, T))
-    return buffer
-
-
-def _tail_untouched(buffer, R, T):
-    assert np.isnan(buffer[:, R * T:]).all(), "a kernel wrote past the end of a plane"
-
-
-def _both(kernel, make_outputs, inputs):
-    """The kernel's serial and parallel versions on the same inputs, into
-    fresh outputs each; they must agree bit for bit (NaN where both left an
-    element unwritten). Returns one set of outputs."""
-    results = []
-    for version in (kernel.serial, kernel.parallel):
-        outs = make_outputs()
-        version(*inputs(outs))
-        results.append(outs)
-    for s, p in zip(*results):
-        assert np.array_equal(s, p, equal_nan=True), kernel
-    return results[0]
 
 
 def _tiles():

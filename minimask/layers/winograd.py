@@ -88,6 +88,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange
@@ -534,76 +535,90 @@ def planes(buffer, R, T):
                       strides=(buffer.strides[0], T * buffer.itemsize, buffer.itemsize))
 
 
-def _pad_input(x, g, TH, TW):
-    """x with its zero padding, (N, C, 2 TH + 2, 2 TW + 2): room for every tile."""
+# The six stage kernels of one tile size, each called the way F(2x2)'s are
+# (``winograd_f4.STAGES`` wraps its kernels to the same calls), so that one
+# ``forward`` / ``backward`` drives either tile.
+Stages = namedtuple("Stages", "m filter_transform input_transform output_transform "
+                              "output_adjoint input_adjoint filter_adjoint")
+F2_STAGES = Stages(2, _filter_transform_cpu, _input_transform_cpu, _output_transform_cpu,
+                   _output_adjoint_cpu, _input_adjoint_cpu, _filter_adjoint_cpu)
+
+
+def stages_for(m):
+    """The ``Stages`` of m x m output tiles (2 or 4)."""
+    if m == 4:
+        from minimask.layers import winograd_f4
+        return winograd_f4.STAGES
+    return F2_STAGES
+
+
+def _pad_input(x, g, TH, TW, m):
+    """x with its zero padding, (N, C, m TH + 2, m TW + 2): room for every tile."""
     N, C, H, W = x.shape
-    xpad = np.zeros((N, C, 2 * TH + 2, 2 * TW + 2), dtype=x.dtype)
+    xpad = np.zeros((N, C, m * TH + 2, m * TW + 2), dtype=x.dtype)
     xpad[:, :, g.ph:g.ph + H, g.pw:g.pw + W] = x
     return xpad
 
 
 def forward(x, w, b, g, workspace):
     """conv2d of ``x`` (N, C, H, W) by 3x3 ``w`` (F, C, 3, 3), stride 1,
-    padding ``(g.ph, g.pw)``. Returns ``(out, (U, V))``: the cache holds the
-    transformed weights and input (16 F C + 4 C N OH OW numbers, about 4/9
+    padding ``(g.ph, g.pw)``, on the tiles ``tile_for(g)`` picks. Returns
+    ``(out, (U, V))``: the cache holds the transformed weights and input
+    ((m + 2)^2 planes: for 2x2 tiles 16 F C + 4 C N OH OW numbers, about 4/9
     of im2col's ``cols``). ``workspace(size, dtype, key)`` gives scratch
-    arrays kept between calls (``conv._workspace``). With 4x4 tiles
-    (``tile_for``) the work is ``winograd_f4.forward``'s, and U and V have
-    36 planes."""
-    if tile_for(g) == 4:
-        from minimask.layers import winograd_f4
-        return winograd_f4.forward(x, w, b, g, workspace)
+    arrays kept between calls (``conv._workspace``)."""
+    st = stages_for(tile_for(g))
+    m, K = st.m, (st.m + 2) ** 2
     N, C, H, W = x.shape
     F = w.shape[0]
-    TH, TW = tiles_of(g.OH, g.OW)
+    TH, TW = tiles_of(g.OH, g.OW, m)
     T = N * TH * TW
     dt = x.dtype
-    Ub = plane_buffer(16, F, C, dt)
-    _filter_transform_cpu(np.ascontiguousarray(w), Ub)
-    Vb = plane_buffer(16, C, T, dt)
-    _input_transform_cpu(_pad_input(x, g, TH, TW), Vb, TH, TW)
-    Mb = plane_buffer(16, F, T, dt, workspace, "winograd.M")
+    Ub = plane_buffer(K, F, C, dt)
+    st.filter_transform(np.ascontiguousarray(w), Ub)
+    Vb = plane_buffer(K, C, T, dt)
+    st.input_transform(_pad_input(x, g, TH, TW, m), Vb, TH, TW)
+    Mb = plane_buffer(K, F, T, dt, workspace, "winograd.M")
     U, V = planes(Ub, F, C), planes(Vb, C, T)
     batched_gemm(U, V, planes(Mb, F, T))
     bias = b if b is not None else np.zeros(1, dtype=dt)
-    full = (2 * TH, 2 * TW) == (g.OH, g.OW)
-    out = np.empty((N, F, 2 * TH, 2 * TW), dtype=dt)
-    _output_transform_cpu(Mb, np.ascontiguousarray(bias), b is not None, out)
-    if not full:                         # an odd size: the last tiles overhang
+    out = np.empty((N, F, m * TH, m * TW), dtype=dt)
+    st.output_transform(Mb, np.ascontiguousarray(bias), b is not None, out)
+    if (m * TH, m * TW) != (g.OH, g.OW):    # the last tiles overhang
         out = np.ascontiguousarray(out[:, :, :g.OH, :g.OW])
     return out, (U, V)
 
 
 def backward(dout, UV, g, workspace, need_dx=True):
-    """``(dx, dw, db)`` of ``forward`` (dx None when not ``need_dx``); db, the
-    sum of dout over (n, h, w), comes free with the first transform (the
-    caller drops it when the layer has no bias)."""
+    """``(dx, dw, db)`` of ``forward`` (dx None when not ``need_dx``), on the
+    tiles the forward took (U's 16 or 36 planes); db, the sum of dout over
+    (n, h, w), comes free with the first transform (the caller drops it
+    when the layer has no bias)."""
     U, V = UV
-    if U.shape[0] == 36:                 # the forward took 4x4 tiles
-        from minimask.layers import winograd_f4
-        return winograd_f4.backward(dout, UV, g, workspace, need_dx)
+    st = stages_for(4 if U.shape[0] == 36 else 2)
+    m, K = st.m, U.shape[0]
     F, C = U.shape[1], U.shape[2]
     N = g.N
-    TH, TW = tiles_of(g.OH, g.OW)
+    TH, TW = tiles_of(g.OH, g.OW, m)
     T = N * TH * TW
     dt = dout.dtype
-    if (2 * TH, 2 * TW) == (g.OH, g.OW):
+    if (m * TH, m * TW) == (g.OH, g.OW):
         dY = np.ascontiguousarray(dout)
     else:                                # zeros where the last tiles overhang
-        dY = np.zeros((N, F, 2 * TH, 2 * TW), dtype=dt)
+        dY = np.zeros((N, F, m * TH, m * TW), dtype=dt)
         dY[:, :, :g.OH, :g.OW] = dout
-    dMb = plane_buffer(16, F, T, dt, workspace, "winograd.dM")
+    dMb = plane_buffer(K, F, T, dt, workspace, "winograd.dM")
     db = np.empty(F, dtype=dt)
-    _output_adjoint_cpu(dY, dMb, db)
+    st.output_adjoint(dY, dMb, db)
     dM = planes(dMb, F, T)
-    dUb = plane_buffer(16, F, C, dt, workspace, "winograd.dU")
+    dUb = plane_buffer(K, F, C, dt, workspace, "winograd.dU")
     batched_gemm(dM, V, planes(dUb, F, C), trans_b=True)
     dx = None
     if need_dx:
-        dVb = plane_buffer(16, C, T, dt, workspace, "winograd.dV")
+        dVb = plane_buffer(K, C, T, dt, workspace, "winograd.dV")
         batched_gemm(U, dM, planes(dVb, C, T), trans_a=True)
         dx = np.empty((N, C, g.H, g.W), dtype=dt)
-        _input_adjoint_cpu(dVb, dx, g.ph, g.pw, TH, TW)
+        st.input_adjoint(dVb, dx, g.ph, g.pw, TH, TW)
     dw = np.empty((F, C, 3, 3), dtype=dt)
-    _filter_adjoint_cpu(dUb, dw)
+    st.filter_adjoint(dUb, dw)
     return dx, dw, db

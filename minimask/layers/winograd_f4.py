@@ -42,10 +42,10 @@ not N C tiles).
 What is here, as in ``winograd.py``: ``transform_matrices``,
 ``winograd_conv2d_numpy`` and ``winograd_conv2d_backward_numpy`` (the NumPy
 reference), the Numba kernels (parallel over channels, or (n, c) planes
-for the scatter-add of dx), and ``forward`` / ``backward``, which
-``winograd.forward`` / ``winograd.backward`` call when ``winograd.tile_for``
-picks 4x4 tiles. The multiplies, the plane buffers and the thread rule are
-``winograd.py``'s.
+for the scatter-add of dx), and ``STAGES``: those kernels in the calls of
+F(2x2)'s, which ``winograd.forward`` / ``winograd.backward`` drive when
+``winograd.tile_for`` picks 4x4 tiles. The layer's driver, the multiplies,
+the plane buffers and the thread rule are ``winograd.py``'s.
 """
 from __future__ import annotations
 
@@ -404,67 +404,27 @@ def _filter_adjoint_cpu(dU, dw):
 
 
 # ----------------------------------------------------------------------
-# The layer on the "cpu" backend
+# The layer on the "cpu" backend: winograd.forward / backward with these stages
 # ----------------------------------------------------------------------
+#
+# The tile kernels above take the integer factors as a last argument; these
+# wrappers give them the calls of F(2x2)'s kernels (``winograd.Stages``).
 
-def _pad_input(x, g, TH, TW):
-    """x with its zero padding, (N, C, 4 TH + 2, 4 TW + 2): room for every tile."""
-    N, C, H, W = x.shape
-    xpad = np.zeros((N, C, 4 * TH + 2, 4 * TW + 2), dtype=x.dtype)
-    xpad[:, :, g.ph:g.ph + H, g.pw:g.pw + W] = x
-    return xpad
-
-
-def forward(x, w, b, g, workspace):
-    """conv2d of ``x`` (N, C, H, W) by 3x3 ``w`` (F, C, 3, 3), stride 1,
-    padding ``(g.ph, g.pw)``, by (W4). Returns ``(out, (U, V))``, U (36, F,
-    C) and V (36, C, T) (``winograd.forward``'s cache, 36 planes)."""
-    N, C, H, W = x.shape
-    F = w.shape[0]
-    TH, TW = tiles_of(g.OH, g.OW)
-    T = N * TH * TW
-    dt = x.dtype
-    k = _constants(dt)
-    Ub = winograd.plane_buffer(PLANES, F, C, dt)
-    _filter_transform_cpu(np.ascontiguousarray(w), Ub)
-    Vb = winograd.plane_buffer(PLANES, C, T, dt)
-    _input_transform_cpu(_pad_input(x, g, TH, TW), Vb, TH, TW, k)
-    Mb = winograd.plane_buffer(PLANES, F, T, dt, workspace, "winograd.M")
-    U, V = winograd.planes(Ub, F, C), winograd.planes(Vb, C, T)
-    winograd.batched_gemm(U, V, winograd.planes(Mb, F, T))
-    bias = b if b is not None else np.zeros(1, dtype=dt)
-    out = np.empty((N, F, 4 * TH, 4 * TW), dtype=dt)
-    _output_transform_cpu(Mb, np.ascontiguousarray(bias), b is not None, out, k)
-    if (4 * TH, 4 * TW) != (g.OH, g.OW):      # the last tiles overhang
-        out = np.ascontiguousarray(out[:, :, :g.OH, :g.OW])
-    return out, (U, V)
+def _input_transform(xpad, V, TH, TW):
+    _input_transform_cpu(xpad, V, TH, TW, _constants(xpad.dtype))
 
 
-def backward(dout, UV, g, workspace, need_dx=True):
-    """``(dx, dw, db)`` of ``forward`` (dx None when not ``need_dx``)."""
-    U, V = UV
-    F, C = U.shape[1], U.shape[2]
-    TH, TW = tiles_of(g.OH, g.OW)
-    T = g.N * TH * TW
-    dt = dout.dtype
-    k = _constants(dt)
-    if (4 * TH, 4 * TW) == (g.OH, g.OW):
-        dY = np.ascontiguousarray(dout)
-    else:                                      # zeros where the last tiles overhang
-        dY = np.zeros((g.N, F, 4 * TH, 4 * TW), dtype=dt)
-        dY[:, :, :g.OH, :g.OW] = dout
-    dMb = winograd.plane_buffer(PLANES, F, T, dt, workspace, "winograd.dM")
-    db = np.empty(F, dtype=dt)
-    _output_adjoint_cpu(dY, dMb, db, k)
-    dM = winograd.planes(dMb, F, T)
-    dUb = winograd.plane_buffer(PLANES, F, C, dt, workspace, "winograd.dU")
-    winograd.batched_gemm(dM, V, winograd.planes(dUb, F, C), trans_b=True)
-    dx = None
-    if need_dx:
-        dVb = winograd.plane_buffer(PLANES, C, T, dt, workspace, "winograd.dV")
-        winograd.batched_gemm(U, dM, winograd.planes(dVb, C, T), trans_a=True)
-        dx = np.empty((g.N, C, g.H, g.W), dtype=dt)
-        _input_adjoint_cpu(dVb, dx, g.ph, g.pw, TH, TW, k)
-    dw = np.empty((F, C, 3, 3), dtype=dt)
-    _filter_adjoint_cpu(dUb, dw)
-    return dx, dw, db
+def _output_transform(M, b, has_bias, out):
+    _output_transform_cpu(M, b, has_bias, out, _constants(out.dtype))
+
+
+def _output_adjoint(dout, dM, db):
+    _output_adjoint_cpu(dout, dM, db, _constants(dout.dtype))
+
+
+def _input_adjoint(dV, dx, ph, pw, TH, TW):
+    _input_adjoint_cpu(dV, dx, ph, pw, TH, TW, _constants(dx.dtype))
+
+
+STAGES = winograd.Stages(TILE, _filter_transform_cpu, _input_transform, _output_transform,
+                         _output_adjoint, _input_adjoint, _filter_adjoint_cpu)
